@@ -1,0 +1,188 @@
+"""The ``metascale`` command line. It only parses flags and TOML into the library's
+dataclasses and calls the library; every error caused by bad input prints one line
+``metascale: error: ...`` and exits with code 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import MetascaleError
+
+RULES = ("layerwise",)
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _nonneg(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
+    return v
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    """List the specs in a folder with their one-line descriptions."""
+    from .spec import default_spec_dir, load_spec
+    folder = Path(args.dir) if args.dir else default_spec_dir()
+    if not folder.is_dir():
+        raise MetascaleError(f"{folder}: no such folder of task specs")
+    files = sorted(folder.glob("*.toml"))
+    if not files:
+        raise MetascaleError(f"{folder}: holds no *.toml task specs")
+    width = max(len(str(f)) for f in files)
+    for f in files:
+        spec = load_spec(f)
+        print(f"{str(f):<{width}}  [{spec.family_name}, K={spec.inner.steps}]  {spec.description}")
+    return 0
+
+
+def cmd_meta_train(args: argparse.Namespace) -> int:
+    """Meta-train, then export ``OUT/optimizer.safetensors`` and ``OUT/metrics.jsonl``."""
+    from .export import save_optimizer
+    from .meta import MetaTrainer
+    from .spec import load_spec
+    spec = load_spec(args.spec)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise MetascaleError(f"--out {out}: exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = MetaTrainer(spec, seed=args.seed, device=args.device, meta_steps=args.meta_steps,
+                          progress=not args.quiet)
+    result = trainer.train(metrics_path=out / "metrics.jsonl")
+    path = save_optimizer(out / "optimizer.safetensors", result.meta, spec.optimizer, spec.to_dict(),
+                          result.summary, rule=args.rule)
+    s = result.summary
+    print(f"meta-trained {spec.name} for {s['meta_steps']} meta-steps in {s['wall_time_s']} s "
+          f"(meta-loss {s['first_meta_loss']} -> {s['final_meta_loss_avg_last_10pct']}, "
+          f"skipped tasks {s['skipped_tasks']})")
+    print(f"wrote {path} and {out / 'metrics.jsonl'}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate an exported optimizer on held-out tasks next to tuned baselines."""
+    from .evaluate import evaluate, format_table
+    from .export import load_optimizer, read_optimizer
+    from .meta import resolve_device
+    from .spec import load_spec
+    read_optimizer(args.file)  # validate before any work
+    spec = load_spec(args.spec)
+    device = resolve_device(args.device)
+    learned = {"learned": lambda p, lr: load_optimizer(args.file, p, lr=lr)}
+    result = evaluate(learned, spec, n_tasks=args.tasks, steps=args.steps, seed=args.seed, device=device,
+                      progress=not args.quiet)
+    result["file"] = str(args.file)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Describe an exported optimizer file."""
+    import torch
+
+    from .optim.groups import ROLES
+    from .export import read_optimizer
+    exp = read_optimizer(args.file)
+    print(f"{args.file}: metascale optimizer, rule {exp.rule}, format version 1")
+    print(f"config: {json.dumps(dataclass_dict(exp.config))}")
+    print(f"meta-trained on: {exp.spec.get('name')} ({exp.spec.get('description', '')})")
+    print(f"summary: {json.dumps(exp.summary)}")
+    print("group mapping rule:")
+    for k, v in exp.group_mapping.items():
+        print(f"  {k}: {v}")
+    bins = exp.meta["log_step_size"].shape[1]
+    print(f"learned schedules over {exp.horizon} step(s) (step size eta, rescaling factor s; effective eta*s):")
+    for r, role in enumerate(ROLES):
+        for b in range(bins):
+            eta = torch.exp(exp.meta["log_step_size"][r, b])
+            s = torch.exp(exp.meta["log_scale"][r, b])
+            depth = b / (bins - 1) if bins > 1 else 0.0
+            eff = (eta * s).tolist()
+            show = ", ".join(f"{x:.3g}" for x in eff[:8]) + (", ..." if len(eff) > 8 else "")
+            print(f"  {role:<6} depth {depth:.2f}: eta*s = [{show}]  (mean eta {eta.mean():.3g}, mean s {s.mean():.3g})")
+    return 0
+
+
+def dataclass_dict(obj) -> dict:
+    """JSON-able dict of a config dataclass."""
+    from .config import to_dict
+    return to_dict(obj)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (one sub-command per verb, each with ``--help``)."""
+    p = argparse.ArgumentParser(
+        prog="metascale",
+        description="Meta-train layer-wise learnable optimizers (per-layer step sizes and rescaling factors) "
+                    "on task distributions, export them, and use them as torch optimizers.",
+        epilog="Example: metascale meta-train --spec tasks/sine.toml --out runs/sine && "
+               "metascale evaluate runs/sine/optimizer.safetensors --spec tasks/sine.toml")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    t = sub.add_parser("tasks", help="list the task-distribution specs", description=cmd_tasks.__doc__)
+    t.add_argument("--dir", help="folder of *.toml specs (default: ./tasks, else the repository's tasks/)")
+    t.set_defaults(func=cmd_tasks)
+
+    m = sub.add_parser("meta-train", help="meta-train and export an optimizer", description=cmd_meta_train.__doc__)
+    m.add_argument("--spec", required=True, help="task-distribution spec, e.g. tasks/sine.toml")
+    m.add_argument("--out", required=True, help="output folder (optimizer.safetensors, metrics.jsonl)")
+    m.add_argument("--rule", default="layerwise", choices=RULES, help="learnable optimizer rule (default: layerwise)")
+    m.add_argument("--meta-steps", type=_nonneg, help="meta-steps (default: the spec's [meta] steps)")
+    m.add_argument("--seed", type=_nonneg, default=0, help="seed of task draws and model inits (default 0)")
+    m.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
+    m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.set_defaults(func=cmd_meta_train)
+
+    e = sub.add_parser("evaluate", help="compare an exported optimizer with tuned baselines on held-out tasks",
+                       description=cmd_evaluate.__doc__ + " Baseline learning rates (SGD, SGD+momentum, Adam) are "
+                       "tuned on meta-train draws over a log grid; evaluation uses meta-test draws.")
+    e.add_argument("file", help="exported optimizer (.safetensors)")
+    e.add_argument("--spec", required=True, help="task-distribution spec whose meta-test draws are used")
+    e.add_argument("--tasks", type=_positive, help="held-out tasks N (default: the spec's [evaluate] tasks)")
+    e.add_argument("--steps", type=_positive, help="training steps T (default: the spec's, else its K)")
+    e.add_argument("--json", help="write the full result (per optimizer: median_final_loss, iqr_final_loss, "
+                                  "tuned_lr, median_steps_to_adam, curves) to this JSON file")
+    e.add_argument("--seed", type=_nonneg, default=0, help="seed of the held-out draws (default 0)")
+    e.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_evaluate)
+
+    i = sub.add_parser("info", help="describe an exported optimizer file", description=cmd_info.__doc__)
+    i.add_argument("file", help="exported optimizer (.safetensors)")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``metascale`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except MetascaleError as e:
+        print(f"metascale: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("metascale: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

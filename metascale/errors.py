@@ -1,0 +1,21 @@
+"""The library's own error types.
+
+Every error caused by bad input (a spec, an exported file, a command-line argument) is a
+:class:`MetascaleError`; the command line turns it into a one-line message and exit code 2.
+"""
+
+
+class MetascaleError(Exception):
+    """Base class of every error metascale raises on purpose."""
+
+
+class SpecError(MetascaleError, ValueError):
+    """A task-distribution spec (TOML) is malformed, has an unknown key or an out-of-range value."""
+
+
+class ExportFormatError(MetascaleError, ValueError):
+    """An exported optimizer file is truncated, of another format version, or has wrong tensors."""
+
+
+class MissingExtraError(MetascaleError, ImportError):
+    """An optional integration was used without its extra installed."""

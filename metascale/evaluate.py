@@ -1,0 +1,173 @@
+"""Held-out evaluation of an optimizer against tuned baselines.
+
+Protocol: the baselines' learning rates (SGD, SGD with momentum 0.9, Adam) are tuned on
+*meta-train* draws over a log grid (``points_per_decade`` points per decade in
+``[lr_min, lr_max]``), choosing the rate with the lowest median final validation loss. Then
+every optimizer trains a fresh model on each of ``N`` *meta-test* draws for ``T`` steps, the
+same init for all optimizers on a task. Reported per optimizer: median and interquartile range
+of the final validation loss and the median number of steps to reach tuned Adam's final loss
+on the same task (``None`` when fewer than half of the tasks reach it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import check
+from .tasks.base import Task, mix_seed
+
+OptFactory = Callable[[Iterable[torch.Tensor], float], torch.optim.Optimizer]
+
+BASELINES: dict[str, OptFactory] = {
+    "sgd": lambda p, lr: torch.optim.SGD(p, lr=lr),
+    "sgd_momentum": lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9),
+    "adam": lambda p, lr: torch.optim.Adam(p, lr=lr),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """The ``[evaluate]`` table.
+
+    Attributes:
+        tasks: held-out (meta-test) tasks ``N``.
+        steps: training steps ``T``; 0 means the meta-training horizon ``K``.
+        tune_tasks: meta-train draws used to tune the baselines' learning rates.
+        lr_min, lr_max, points_per_decade: the log grid of learning rates.
+    """
+
+    tasks: int = dataclasses.field(default=20, metadata=check("int", 1, 100_000))
+    steps: int = dataclasses.field(default=0, metadata=check("int", 0, 1_000_000))
+    tune_tasks: int = dataclasses.field(default=8, metadata=check("int", 1, 10_000))
+    lr_min: float = dataclasses.field(default=1e-4, metadata=check("float", 1e-10, 100.0))
+    lr_max: float = dataclasses.field(default=1.0, metadata=check("float", 1e-10, 100.0))
+    points_per_decade: int = dataclasses.field(default=2, metadata=check("int", 1, 20))
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` if the grid is empty."""
+        if self.lr_min > self.lr_max:
+            raise ValueError(f"lr_min = {self.lr_min} must not exceed lr_max = {self.lr_max}")
+
+    def grid(self) -> list[float]:
+        """The log grid ``lr_min * 10**(k / points_per_decade)`` up to ``lr_max``."""
+        n = int(math.floor(math.log10(self.lr_max / self.lr_min) * self.points_per_decade + 1e-9))
+        return [self.lr_min * 10 ** (k / self.points_per_decade) for k in range(n + 1)]
+
+
+def train_curve(task: Task, make_opt: Callable[[Iterable[torch.Tensor]], torch.optim.Optimizer],
+                steps: int, device: torch.device | str | None = None) -> list[float]:
+    """Train a fresh model of ``task`` for ``steps`` steps; return validation losses
+    ``[L_0, ..., L_T]`` (``inf`` from the first non-finite value on)."""
+    task = task.to(device=device)
+    model = task.make_model(device=device)
+    opt = make_opt(model.parameters())
+    curve = []
+    with torch.no_grad():
+        curve.append(float(task.loss(model(task.x_val), task.y_val)))
+    for t in range(steps):
+        x, y = task.train_batch(t)
+        opt.zero_grad(set_to_none=True)
+        loss = task.loss(model(x), y)
+        if not torch.isfinite(loss):
+            curve.extend([math.inf] * (steps - t))
+            break
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            v = float(task.loss(model(task.x_val), task.y_val))
+        curve.append(v if math.isfinite(v) else math.inf)
+    return curve
+
+
+def tune_lr(factory: OptFactory, tasks: list[Task], steps: int, grid: list[float],
+            device: torch.device | str | None = None) -> tuple[float, dict[str, float]]:
+    """Pick the grid learning rate with the lowest median final validation loss on ``tasks``."""
+    scores = {}
+    for lr in grid:
+        finals = [train_curve(t, lambda p: factory(p, lr), steps, device)[-1] for t in tasks]
+        scores[f"{lr:.3g}"] = float(np.median(finals))
+    best = min(range(len(grid)), key=lambda i: (scores[f"{grid[i]:.3g}"], i))
+    return grid[best], scores
+
+
+def _steps_to(curve: list[float], target: float) -> float:
+    """First step ``t >= 1`` with ``curve[t] <= target``; ``inf`` if never."""
+    for t, v in enumerate(curve[1:], start=1):
+        if v <= target:
+            return float(t)
+    return math.inf
+
+
+def summarize(curves: dict[str, list[list[float]]]) -> dict[str, dict]:
+    """Per optimizer: median/IQR of final loss and steps to reach Adam's final loss."""
+    adam_final = [c[-1] for c in curves["adam"]] if "adam" in curves else None
+    out = {}
+    for name, cs in curves.items():
+        finals = np.array([c[-1] for c in cs], dtype=np.float64)
+        q25, q50, q75 = (float(np.percentile(finals, q)) for q in (25, 50, 75))
+        row = {"median_final_loss": q50, "iqr_final_loss": q75 - q25, "q25_final_loss": q25,
+               "q75_final_loss": q75, "final_losses": finals.tolist(),
+               "median_curve": np.median(np.array(cs), axis=0).tolist()}
+        if adam_final is not None:
+            steps = [_steps_to(c, a) for c, a in zip(cs, adam_final)]
+            med = float(np.median(steps))
+            row["median_steps_to_adam"] = med if math.isfinite(med) else None
+            row["reached_adam_fraction"] = float(np.mean([math.isfinite(s) for s in steps]))
+        out[name] = row
+    return out
+
+
+def evaluate(learned: dict[str, OptFactory], spec, *, n_tasks: int | None = None,
+             steps: int | None = None, seed: int = 0, device: torch.device | str | None = None,
+             progress: bool = True) -> dict:
+    """Compare ``learned`` optimizers (name -> factory ``(params, lr_multiplier)``) with the
+    tuned baselines on held-out tasks of ``spec``; returns the JSON-able result."""
+    cfg = spec.evaluate
+    n = n_tasks or cfg.tasks
+    T = steps or cfg.steps or spec.inner.steps
+    grid = cfg.grid()
+    tune_sampler = spec.sampler("train", mix_seed(seed, 0x70E))
+    tune_tasks = tune_sampler.tasks(cfg.tune_tasks)
+    test_tasks = spec.sampler("test", seed).tasks(n)
+    result = {"spec": spec.name, "tasks": n, "steps": T, "seed": seed, "meta_train_horizon": spec.inner.steps,
+              "lr_grid": grid, "optimizers": {}}
+    tuned = {}
+    names = list(BASELINES) + list(learned)
+    bar = tqdm(total=len(BASELINES) * len(grid) + len(names), desc="evaluate", disable=not progress, dynamic_ncols=True)
+    for name, factory in BASELINES.items():
+        best, scores = tune_lr(factory, tune_tasks, T, grid, device)
+        tuned[name] = (best, scores)
+        bar.update(len(grid))
+    curves = {}
+    for name in names:
+        if name in BASELINES:
+            lr = tuned[name][0]
+            fac = lambda p, f=BASELINES[name], lr=lr: f(p, lr)
+        else:
+            fac = lambda p, f=learned[name]: f(p, 1.0)
+        curves[name] = [train_curve(t, fac, T, device) for t in test_tasks]
+        bar.update(1)
+    bar.close()
+    result["optimizers"] = summarize(curves)
+    for name, (lr, scores) in tuned.items():
+        result["optimizers"][name]["tuned_lr"] = lr
+        result["optimizers"][name]["tuning_median_final_loss"] = scores
+    return result
+
+
+def format_table(result: dict) -> str:
+    """A plain-text table of :func:`evaluate`'s result."""
+    lines = [f"held-out evaluation: spec={result['spec']} tasks={result['tasks']} steps={result['steps']} "
+             f"(meta-train horizon {result['meta_train_horizon']}), seed={result['seed']}",
+             f"{'optimizer':<14}{'tuned lr':>10}{'median final':>15}{'IQR':>12}{'steps to Adam':>15}{'reached':>9}"]
+    for name, row in result["optimizers"].items():
+        lr = f"{row['tuned_lr']:.3g}" if "tuned_lr" in row else "-"
+        st = row.get("median_steps_to_adam")
+        lines.append(f"{name:<14}{lr:>10}{row['median_final_loss']:>15.5g}{row['iqr_final_loss']:>12.4g}"
+                     f"{('never' if st is None else f'{st:.0f}'):>15}{row.get('reached_adam_fraction', 0):>9.0%}")
+    return "\n".join(lines)

@@ -1,0 +1,153 @@
+"""The exported optimizer file: one ``.safetensors`` file, no pickle.
+
+Tensors: the rule's meta-parameters, unconstrained (``log_step_size`` and ``log_scale`` of
+shape ``(roles, depth_bins, S)`` for the layer-wise rule). Metadata (string -> string, JSON
+values):
+
+=================  ==========================================================
+``format``         ``"metascale.optimizer"``
+``format_version`` ``"1"``
+``rule``           ``"layerwise"``
+``rule_config``    the rule's config (:class:`~metascale.optim.LayerwiseConfig`)
+``group_mapping``  the role/depth mapping rule (:data:`~metascale.optim.MAPPING_RULE`)
+``spec``           the task-distribution spec it was meta-trained on
+``summary``        a meta-training summary (steps, seed, losses, wall time)
+=================  ==========================================================
+
+Loading validates all of it and raises :class:`~metascale.errors.ExportFormatError` with a
+clear message for a truncated file, another format version, missing/extra/mis-shaped tensors
+or tampered metadata. ``safetensors`` parses a JSON header and raw buffers: nothing is
+unpickled and no code runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..config import from_table, to_dict
+from ..errors import ExportFormatError, SpecError
+from ..optim.groups import MAPPING_RULE, ROLES
+from ..optim.layerwise import META_NAMES, LayerwiseConfig, LayerwiseOptimizer
+
+FORMAT = "metascale.optimizer"
+FORMAT_VERSION = "1"
+RULES = ("layerwise",)
+_KEYS = ("format", "format_version", "rule", "rule_config", "group_mapping", "spec", "summary")
+
+
+@dataclasses.dataclass
+class ExportedOptimizer:
+    """The validated content of an exported file."""
+
+    meta: dict[str, torch.Tensor]
+    rule: str
+    config: LayerwiseConfig
+    spec: dict
+    summary: dict
+    group_mapping: dict
+
+    @property
+    def horizon(self) -> int:
+        """Length ``S`` of the learned schedules (1 when not per step)."""
+        return int(self.meta["log_step_size"].shape[-1])
+
+
+def save_optimizer(path: str | Path, meta: dict[str, torch.Tensor], config: LayerwiseConfig,
+                   spec: dict, summary: dict, rule: str = "layerwise") -> Path:
+    """Write meta-parameters and metadata to ``path`` (parent folders are created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: meta[k].detach().cpu().float().contiguous() for k in META_NAMES}
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "rule": rule,
+                "rule_config": json.dumps(to_dict(config)), "group_mapping": json.dumps(MAPPING_RULE),
+                "spec": json.dumps(spec), "summary": json.dumps(summary)}
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def _json(meta: dict, key: str, path: Path) -> dict:
+    try:
+        value = json.loads(meta[key])
+    except (json.JSONDecodeError, TypeError):
+        raise ExportFormatError(f"{path}: metadata {key!r} is not valid JSON (file tampered with?)") from None
+    if not isinstance(value, dict):
+        raise ExportFormatError(f"{path}: metadata {key!r} must be a JSON object")
+    return value
+
+
+def read_optimizer(path: str | Path) -> ExportedOptimizer:
+    """Read and validate an exported optimizer file.
+
+    Raises:
+        ExportFormatError: for anything but a well-formed file of this format version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ExportFormatError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta_str = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for corrupt input
+        raise ExportFormatError(f"{path}: not a readable safetensors file (truncated or corrupted?): "
+                                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if meta_str.get("format") != FORMAT:
+        raise ExportFormatError(f"{path}: not a metascale optimizer file (format = {meta_str.get('format')!r})")
+    if meta_str.get("format_version") != FORMAT_VERSION:
+        raise ExportFormatError(f"{path}: file format version {meta_str.get('format_version')!r}; this metascale "
+                                f"reads version {FORMAT_VERSION!r}")
+    missing = [k for k in _KEYS if k not in meta_str]
+    extra = [k for k in meta_str if k not in _KEYS]
+    if missing or extra:
+        raise ExportFormatError(f"{path}: metadata keys {'missing ' + str(missing) if missing else ''}"
+                                f"{' unexpected ' + str(extra) if extra else ''}")
+    rule = meta_str["rule"]
+    if rule not in RULES:
+        raise ExportFormatError(f"{path}: unknown rule {rule!r}; this metascale knows {', '.join(RULES)}")
+    try:
+        config = from_table(LayerwiseConfig, _json(meta_str, "rule_config", path), "rule_config")
+    except SpecError as e:
+        raise ExportFormatError(f"{path}: invalid {e}") from None
+    spec, summary, mapping = (_json(meta_str, k, path) for k in ("spec", "summary", "group_mapping"))
+    if mapping != MAPPING_RULE:
+        raise ExportFormatError(f"{path}: group mapping rule differs from this metascale's (file tampered with?)")
+    if set(tensors) != set(META_NAMES):
+        raise ExportFormatError(f"{path}: tensors {sorted(tensors)}; expected exactly {list(META_NAMES)}")
+    shape = tensors["log_step_size"].shape
+    for k, t in tensors.items():
+        if t.dtype != torch.float32:
+            raise ExportFormatError(f"{path}: tensor {k!r} has dtype {t.dtype}; expected float32")
+        if t.dim() != 3 or t.shape != shape or t.shape[0] != len(ROLES) or t.shape[1] != config.depth_bins \
+                or t.shape[2] < 1 or (not config.per_step and t.shape[2] != 1):
+            raise ExportFormatError(f"{path}: tensor {k!r} has shape {tuple(t.shape)}; expected "
+                                    f"({len(ROLES)}, {config.depth_bins}, S) with S >= 1 (S = 1 unless per_step), "
+                                    "the same for all tensors")
+        if not torch.isfinite(t).all():
+            raise ExportFormatError(f"{path}: tensor {k!r} holds non-finite values")
+    if not all(math.isfinite(x) for x in torch.exp(tensors["log_step_size"]).flatten().tolist()):
+        raise ExportFormatError(f"{path}: step sizes overflow")
+    return ExportedOptimizer(meta=tensors, rule=rule, config=config, spec=spec, summary=summary,
+                             group_mapping=mapping)
+
+
+def load_optimizer(path: str | Path, params: Iterable[torch.Tensor], *, lr: float = 1.0,
+                   foreach: bool | None = None) -> LayerwiseOptimizer:
+    """Load an exported optimizer for ``params`` (any model: groups are matched by role and
+    relative depth). ``lr`` multiplies every learned step size (for LR schedulers).
+
+    Example::
+
+        opt = metascale.load_optimizer("runs/sine/optimizer.safetensors", model.parameters())
+        for x, y in data:
+            opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
+    """
+    exp = read_optimizer(path)
+    return LayerwiseOptimizer(params, exp.meta, momentum=exp.config.momentum, nesterov=exp.config.nesterov,
+                              lr=lr, foreach=foreach)

@@ -1,0 +1,150 @@
+r"""The outer meta-trainer: Adam on the meta-parameters over meta-batches of tasks.
+
+One meta-step draws ``B`` fresh meta-train tasks (draws ``i*B .. i*B+B-1`` of the train
+split), unrolls the learnable optimizer on each (:func:`metascale.inner.unroll`), averages the
+meta-losses and backpropagates:
+
+.. math:: \nabla_\theta \frac1B \sum_{j} \ell_j(\theta),
+
+skipping tasks whose meta-loss or meta-gradient is not finite (counted), clipping the
+meta-gradient to global norm ``clip``, and taking one Adam step. Every meta-step appends one
+JSON line to the metrics file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import check
+from ..inner.higher_engine import unroll
+from ..optim.groups import ROLES
+from ..optim.layerwise import init_meta
+
+if TYPE_CHECKING:
+    from ..spec import Spec
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaConfig:
+    """The ``[meta]`` table.
+
+    Attributes:
+        batch_size: tasks per meta-step.
+        steps: meta-steps.
+        lr: Adam step size on the (log-space) meta-parameters.
+        clip: global-norm clip of the meta-gradient (0 disables).
+    """
+
+    batch_size: int = dataclasses.field(default=8, metadata=check("int", 1, 4096))
+    steps: int = dataclasses.field(default=200, metadata=check("int", 0, 10_000_000))
+    lr: float = dataclasses.field(default=0.03, metadata=check("float", 1e-8, 10.0))
+    clip: float = dataclasses.field(default=1.0, metadata=check("float", 0.0, 1e9))
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``"auto"``/``None`` picks CUDA when available, else CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from ..errors import MetascaleError
+        raise MetascaleError("--device cuda requested but CUDA is not available on this machine")
+    return dev
+
+
+@dataclasses.dataclass
+class MetaResult:
+    """Meta-trained parameters (detached, CPU, float32) and a summary for the export file."""
+
+    meta: dict[str, torch.Tensor]
+    summary: dict
+
+
+def describe(meta: dict[str, torch.Tensor]) -> dict:
+    """Learned step size and rescaling factor per (role, depth anchor), as nested lists
+    ``[role][anchor][step]`` of floats."""
+    return {role: {"step_size": torch.exp(meta["log_step_size"][r]).tolist(),
+                   "scale": torch.exp(meta["log_scale"][r]).tolist()} for r, role in enumerate(ROLES)}
+
+
+class MetaTrainer:
+    """Meta-train the layer-wise optimizer on a spec's meta-train distribution.
+
+    Example::
+
+        spec = load_spec("tasks/sine.toml")
+        result = MetaTrainer(spec, seed=0).train(metrics_path="runs/sine/metrics.jsonl")
+    """
+
+    def __init__(self, spec: "Spec", *, seed: int = 0, device: str | None = "auto",
+                 meta_steps: int | None = None, progress: bool = True):
+        self.spec = spec
+        self.seed = seed
+        self.device = resolve_device(device)
+        self.steps = spec.meta.steps if meta_steps is None else meta_steps
+        self.progress = progress
+
+    def train(self, metrics_path: str | Path | None = None) -> MetaResult:
+        """Run the meta-training loop; write one JSON line per meta-step to ``metrics_path``."""
+        spec, cfg = self.spec, self.spec.meta
+        meta = init_meta(spec.optimizer, spec.inner.steps, device=self.device)
+        for v in meta.values():
+            v.requires_grad_(True)
+        adam = torch.optim.Adam(list(meta.values()), lr=cfg.lr)
+        sampler = spec.sampler("train", self.seed)
+        out = open(metrics_path, "w") if metrics_path else None
+        skipped, t0, history = 0, time.time(), []
+        bar = tqdm(range(self.steps), desc=f"meta-train {spec.name}", disable=not self.progress, dynamic_ncols=True)
+        try:
+            for step in bar:
+                adam.zero_grad(set_to_none=True)
+                grads = [torch.zeros_like(v) for v in meta.values()]
+                losses, n_ok = [], 0
+                for j in range(cfg.batch_size):
+                    task = sampler.task(step * cfg.batch_size + j)
+                    res = unroll(task, meta, spec.optimizer, spec.inner.steps,
+                                 objective=spec.inner.objective, device=self.device)
+                    if not torch.isfinite(res.meta_loss):
+                        skipped += 1
+                        continue
+                    g = torch.autograd.grad(res.meta_loss, list(meta.values()))
+                    if not all(torch.isfinite(x).all() for x in g):
+                        skipped += 1
+                        continue
+                    for acc, x in zip(grads, g):
+                        acc.add_(x)
+                    losses.append(float(res.meta_loss.detach()))
+                    n_ok += 1
+                gnorm = math.nan
+                if n_ok:
+                    for v, acc in zip(meta.values(), grads):
+                        v.grad = acc / n_ok
+                    gnorm = float(torch.nn.utils.clip_grad_norm_(list(meta.values()), cfg.clip if cfg.clip > 0 else math.inf))
+                    adam.step()
+                loss = sum(losses) / len(losses) if losses else math.nan
+                history.append(loss)
+                record = {"meta_step": step, "meta_loss": loss, "meta_grad_norm": gnorm, "tasks_ok": n_ok,
+                          "skipped_total": skipped, "elapsed_s": round(time.time() - t0, 3),
+                          "learned": describe({k: v.detach().cpu() for k, v in meta.items()})}
+                if out:
+                    out.write(json.dumps(record) + "\n")
+                    out.flush()
+                bar.set_postfix(meta_loss=f"{loss:.4f}", gnorm=f"{gnorm:.3g}")
+        finally:
+            if out:
+                out.close()
+        final = {k: v.detach().cpu().float().clone() for k, v in meta.items()}
+        tail = [h for h in history[-max(1, len(history) // 10):] if math.isfinite(h)]
+        summary = {"meta_steps": self.steps, "seed": self.seed, "device": str(self.device),
+                   "skipped_tasks": skipped, "wall_time_s": round(time.time() - t0, 2),
+                   "first_meta_loss": history[0] if history else None,
+                   "final_meta_loss_avg_last_10pct": sum(tail) / len(tail) if tail else None,
+                   "torch_version": torch.__version__}
+        return MetaResult(meta=final, summary=summary)
