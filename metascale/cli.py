@@ -54,12 +54,14 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     from .export import save_optimizer
     from .meta import MetaTrainer
     from .spec import load_spec
+    from .meta import resolve_device
     spec = load_spec(args.spec)
+    device = resolve_device(args.device)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise MetascaleError(f"--out {out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    trainer = MetaTrainer(spec, seed=args.seed, device=args.device, meta_steps=args.meta_steps,
+    trainer = MetaTrainer(spec, seed=args.seed, device=device, meta_steps=args.meta_steps,
                           progress=not args.quiet)
     result = trainer.train(metrics_path=out / "metrics.jsonl")
     path = save_optimizer(out / "optimizer.safetensors", result.meta, spec.optimizer, spec.to_dict(),
@@ -78,9 +80,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .export import load_optimizer, read_optimizer
     from .meta import resolve_device
     from .spec import load_spec
-    read_optimizer(args.file)  # validate before any work
+    read_optimizer(args.file)  # validate every input before any work
     spec = load_spec(args.spec)
     device = resolve_device(args.device)
+    if args.json and Path(args.json).is_dir():
+        raise MetascaleError(f"--json {args.json}: is a folder; give a file path")
     learned = {"learned": lambda p, lr: load_optimizer(args.file, p, lr=lr)}
     result = evaluate(learned, spec, n_tasks=args.tasks, steps=args.steps, seed=args.seed, device=device,
                       progress=not args.quiet)

@@ -72,8 +72,9 @@ def _convert(value: Any, meta: dict) -> Any:
             raise ValueError
         return value
     if kind == "str_list":
-        if (not isinstance(value, (list, tuple)) or not value or len(set(value)) != len(value)
-                or not all(isinstance(x, str) and x in meta["choices"] for x in value)):
+        if (not isinstance(value, (list, tuple)) or not value
+                or not all(isinstance(x, str) and x in meta["choices"] for x in value)
+                or len(set(value)) != len(value)):
             raise ValueError
         return tuple(value)
     if kind == "interval":

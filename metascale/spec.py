@@ -74,7 +74,7 @@ def spec_from_dict(data: dict, name: str, where: str, path: str | None = None) -
             raise SpecError(f"{where}: {key!r} must be a table ([{key}])")
     family = dict(data.get("family") or {})
     fname = family.pop("name", None)
-    if fname not in FAMILIES:
+    if not isinstance(fname, str) or fname not in FAMILIES:
         raise SpecError(f"{where} [family]: name = {fname!r} is not allowed; expected one of "
                         + ", ".join(repr(f) for f in FAMILIES))
     description = data.get("description", "")

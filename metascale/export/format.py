@@ -116,6 +116,11 @@ def read_optimizer(path: str | Path) -> ExportedOptimizer:
     except SpecError as e:
         raise ExportFormatError(f"{path}: invalid {e}") from None
     spec, summary, mapping = (_json(meta_str, k, path) for k in ("spec", "summary", "group_mapping"))
+    from ..spec import spec_from_dict  # local: the spec module imports the whole pipeline
+    try:
+        spec_from_dict(spec, str(spec.get("name", "spec")), f"{path}: stored spec")
+    except SpecError as e:
+        raise ExportFormatError(f"invalid {e}") from None
     if mapping != MAPPING_RULE:
         raise ExportFormatError(f"{path}: group mapping rule differs from this metascale's (file tampered with?)")
     if set(tensors) != set(META_NAMES):

@@ -48,14 +48,21 @@ class MetaConfig:
     clip: float = dataclasses.field(default=1.0, metadata=check("float", 0.0, 1e9))
 
 
-def resolve_device(device: str | None) -> torch.device:
+def resolve_device(device: str | torch.device | None) -> torch.device:
     """``"auto"``/``None`` picks CUDA when available, else CPU."""
+    if isinstance(device, torch.device):
+        device = str(device)
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    from ..errors import MetascaleError
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise MetascaleError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        from ..errors import MetascaleError
-        raise MetascaleError("--device cuda requested but CUDA is not available on this machine")
+        raise MetascaleError(f"device {device!r} requested but CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise MetascaleError(f"device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
     return dev
 
 
@@ -83,7 +90,7 @@ class MetaTrainer:
         result = MetaTrainer(spec, seed=0).train(metrics_path="runs/sine/metrics.jsonl")
     """
 
-    def __init__(self, spec: "Spec", *, seed: int = 0, device: str | None = "auto",
+    def __init__(self, spec: "Spec", *, seed: int = 0, device: str | torch.device | None = "auto",
                  meta_steps: int | None = None, progress: bool = True):
         self.spec = spec
         self.seed = seed
@@ -122,13 +129,13 @@ class MetaTrainer:
                         acc.add_(x)
                     losses.append(float(res.meta_loss.detach()))
                     n_ok += 1
-                gnorm = math.nan
+                gnorm = None
                 if n_ok:
                     for v, acc in zip(meta.values(), grads):
                         v.grad = acc / n_ok
                     gnorm = float(torch.nn.utils.clip_grad_norm_(list(meta.values()), cfg.clip if cfg.clip > 0 else math.inf))
                     adam.step()
-                loss = sum(losses) / len(losses) if losses else math.nan
+                loss = sum(losses) / len(losses) if losses else None
                 history.append(loss)
                 record = {"meta_step": step, "meta_loss": loss, "meta_grad_norm": gnorm, "tasks_ok": n_ok,
                           "skipped_total": skipped, "elapsed_s": round(time.time() - t0, 3),
@@ -136,15 +143,15 @@ class MetaTrainer:
                 if out:
                     out.write(json.dumps(record) + "\n")
                     out.flush()
-                bar.set_postfix(meta_loss=f"{loss:.4f}", gnorm=f"{gnorm:.3g}")
+                bar.set_postfix(meta_loss="skipped" if loss is None else f"{loss:.4f}", gnorm="-" if gnorm is None else f"{gnorm:.3g}")
         finally:
             if out:
                 out.close()
         final = {k: v.detach().cpu().float().clone() for k, v in meta.items()}
-        tail = [h for h in history[-max(1, len(history) // 10):] if math.isfinite(h)]
+        tail = [h for h in history[-max(1, len(history) // 10):] if h is not None]
         summary = {"meta_steps": self.steps, "seed": self.seed, "device": str(self.device),
                    "skipped_tasks": skipped, "wall_time_s": round(time.time() - t0, 2),
-                   "first_meta_loss": history[0] if history else None,
+                   "first_meta_loss": next((h for h in history if h is not None), None),
                    "final_meta_loss_avg_last_10pct": sum(tail) / len(tail) if tail else None,
                    "torch_version": torch.__version__}
         return MetaResult(meta=final, summary=summary)
