@@ -8,9 +8,12 @@ Quick use of an exported optimizer::
 """
 from .errors import ExportFormatError, MetascaleError, MissingExtraError, SpecError
 from .export import load_optimizer, read_optimizer, save_optimizer
+from .meta import MetaTrainer
 from .optim import LayerwiseConfig, LayerwiseOptimizer
+from .spec import load_spec
 
 __version__ = "0.1.0"
 
 __all__ = ["ExportFormatError", "MetascaleError", "MissingExtraError", "SpecError", "load_optimizer",
-           "read_optimizer", "save_optimizer", "LayerwiseConfig", "LayerwiseOptimizer", "__version__"]
+           "read_optimizer", "save_optimizer", "MetaTrainer", "LayerwiseConfig", "LayerwiseOptimizer",
+           "load_spec", "__version__"]

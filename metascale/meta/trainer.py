@@ -106,6 +106,8 @@ class MetaTrainer:
             v.requires_grad_(True)
         adam = torch.optim.Adam(list(meta.values()), lr=cfg.lr)
         sampler = spec.sampler("train", self.seed)
+        if metrics_path:
+            Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
         out = open(metrics_path, "w") if metrics_path else None
         skipped, t0, history = 0, time.time(), []
         bar = tqdm(range(self.steps), desc=f"meta-train {spec.name}", disable=not self.progress, dynamic_ncols=True)
