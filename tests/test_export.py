@@ -29,14 +29,6 @@ SUMMARY = {"meta_steps": 7, "seed": 3, "first_meta_loss": 0.5, "final_meta_loss_
 META_KEYS = {"format", "format_version", "rule", "rule_config", "group_mapping", "spec", "summary"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest, and immune to OpenMP spin-waiting when other
-    processes load the CPU (two threads on a busy 2-core machine ran these tests ~100x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_meta(config: LayerwiseConfig = CONFIG, horizon: int = HORIZON, seed: int = 0,

@@ -18,12 +18,6 @@ from metascale.tasks import SineConfig, SineFamily, TaskSampler
 SPECS = Path(__file__).resolve().parent.parent / "tasks"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def small_task(index: int = 0):

@@ -12,12 +12,6 @@ from metascale.optim import (LayerwiseConfig, LayerwiseOptimizer, differentiable
                              init_meta, layerwise_update)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def make_model(seed: int = 0, sizes=(3, 8, 8, 2)) -> nn.Module:

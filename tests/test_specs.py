@@ -18,12 +18,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((ROOT / "tasks").glob("*.toml"))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _value(v) -> str:
