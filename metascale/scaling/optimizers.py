@@ -1,0 +1,334 @@
+r"""Scaled optimizers: SGD, Adam/AdamW, RMSprop and Adagrad that consume gradients of ``s * L``.
+
+Every optimizer here receives gradients that carry a known factor
+
+.. math:: \hat g_t = \sigma_t\, g_t, \qquad \sigma_t = s_t \cdot S_t,
+
+where ``s_t`` is the group's ``scale`` (a loss scale the user applied, global or per group, it
+may change every step) and ``S_t`` the ``torch.amp.GradScaler`` scale when the optimizer is
+stepped through a GradScaler (1 otherwise). It then takes the step that ``torch.optim``'s
+optimizer would take on the *unscaled* gradient ``g_t`` with learning rate
+
+* ``mode="step"``: ``lr * s_t`` (the loss scale *is* a step-size multiplier), or
+* ``mode="invariant"``: ``lr`` (the scale is compensated: same trajectory as unscaled training,
+  eps included; this is how GradScaler-scaled gradients are consumed without an unscale pass).
+
+Nothing is divided out of the gradients: ``1/sigma`` folds into the scalar constants of the
+existing ``torch._foreach_*`` kernels, so no extra pass over the parameters is made:
+
+* SGD: ``p -= (lr_eff / sigma) * b_hat``; weight decay adds ``sigma * wd * p``.
+* Adam/AdamW: ``v <- b2 v + (1 - b2) g_hat^2 / sigma^2`` (``value`` of ``addcmul``), so ``v`` is
+  the unscaled second moment and ``eps`` keeps its meaning; ``m_hat = sigma m``; the step
+  constant becomes ``lr_eff / (sigma * bias_correction1)``.
+* RMSprop: as Adam for ``v``; when centered, ``grad_avg`` is kept scaled and enters as ``grad_avg^2 / sigma^2``.
+* Adagrad: ``sum += g_hat^2 / sigma^2``; step constant ``clr_eff / sigma``.
+
+**Momentum with a time-varying scale.** Buffers that accumulate gradients (SGD's ``b``, Adam's
+``m``, RMSprop's momentum) are kept in *scaled* units, ``b_hat_t = sigma_t b_t``. When
+``sigma`` changes from ``sigma_{t-1}`` to ``sigma_t`` the decay constant absorbs the ratio,
+
+.. math:: \hat b_t = \mu \frac{\sigma_t}{\sigma_{t-1}} \hat b_{t-1} + \hat g_t,
+
+which keeps ``b_hat_t = sigma_t b_t`` exactly, so a change of ``s`` mid-run behaves like a
+change of learning rate mid-run (``lr_t = lr * s_t``), again without an extra pass.
+
+**GradScaler.** The classes set ``_step_supports_amp_scaling = True``: ``scaler.step(opt)``
+runs GradScaler's inf/NaN check (no unscale), hands the scale and the ``found_inf`` flag to
+the optimizer, which skips the step when an inf/NaN was found and otherwise folds the scale as
+above; ``scaler.update()`` does its usual growth/backoff. After a manual ``scaler.unscale_(opt)``
+(e.g. for gradient clipping) the gradients are unscaled and no scale is folded.
+
+Memory: the same state as the ``torch.optim`` counterpart plus two floats per parameter state
+(step count, last ``sigma``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+
+MODES = ("step", "invariant")
+
+
+def _check_scale(value: float, what: str) -> float:
+    v = float(value)
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{what} must be a finite number > 0, got {value!r}")
+    return v
+
+
+# --------------------------------------------------------------------------- pure update rules
+# Each rule updates one group in place with torch._foreach_* kernels. Arguments: the tensors,
+# then scalars: lr_eff (lr * s in step mode, lr in invariant mode), sigma (the factor the
+# gradients carry), ratio = sigma_t / sigma_{t-1} (1 on the first step), and the hyperparameters.
+
+def sgd_update_(params, grads, bufs, *, lr_eff, sigma, ratio, momentum, dampening, nesterov,
+                weight_decay, first: bool) -> list[torch.Tensor]:
+    r"""Scaled SGD (torch.optim.SGD semantics on ``g = g_hat / sigma``).
+
+    .. math::
+        \hat d = \hat g + \sigma\lambda p,\quad
+        \hat b = \mu \tfrac{\sigma_t}{\sigma_{t-1}} \hat b + (1-\tau)\hat d \;(\hat b_0 = \hat d),\quad
+        p \leftarrow p - \tfrac{\eta}{\sigma}\,(\hat d + \mu \hat b \text{ if nesterov else } \hat b)
+
+    Returns the momentum buffers (created on the first step).
+    """
+    if weight_decay:
+        grads = torch._foreach_add(grads, params, alpha=sigma * weight_decay)
+    if momentum:
+        if first:
+            bufs = [torch.clone(g).detach() for g in grads]
+        else:
+            torch._foreach_mul_(bufs, momentum * ratio)
+            torch._foreach_add_(bufs, grads, alpha=1 - dampening)
+        if nesterov:
+            torch._foreach_add_(params, grads, alpha=-lr_eff / sigma)
+            torch._foreach_add_(params, bufs, alpha=-lr_eff * momentum / sigma)
+        else:
+            torch._foreach_add_(params, bufs, alpha=-lr_eff / sigma)
+    else:
+        torch._foreach_add_(params, grads, alpha=-lr_eff / sigma)
+    return bufs
+
+
+def adam_update_(params, grads, exp_avgs, exp_avg_sqs, *, step, lr_eff, sigma, ratio, beta1, beta2,
+                 eps, weight_decay, decoupled) -> None:
+    r"""Scaled Adam / AdamW (torch.optim semantics on ``g = g_hat / sigma``).
+
+    .. math::
+        \hat m \leftarrow \beta_1 \tfrac{\sigma_t}{\sigma_{t-1}} \hat m + (1-\beta_1)\hat g,\quad
+        v \leftarrow \beta_2 v + \tfrac{1-\beta_2}{\sigma^2} \hat g^2,\quad
+        p \leftarrow p - \frac{\eta\sqrt{1-\beta_2^t}}{\sigma (1-\beta_1^t)}
+                         \frac{\hat m}{\sqrt{v} + \epsilon\sqrt{1-\beta_2^t}}
+
+    Weight decay: coupled (Adam) adds ``sigma * wd * p`` to ``g_hat``; decoupled (AdamW)
+    multiplies ``p`` by ``1 - lr_eff * wd``.
+    """
+    if weight_decay:
+        if decoupled:
+            torch._foreach_mul_(params, 1 - lr_eff * weight_decay)
+        else:
+            grads = torch._foreach_add(grads, params, alpha=sigma * weight_decay)
+    if ratio != 1.0:
+        torch._foreach_mul_(exp_avgs, ratio)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=(1 - beta2) / (sigma * sigma))
+    bc1, bc2_sqrt = 1 - beta1 ** step, math.sqrt(1 - beta2 ** step)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denom, eps * bc2_sqrt)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr_eff * bc2_sqrt / (bc1 * sigma))
+
+
+def rmsprop_update_(params, grads, square_avgs, grad_avgs, bufs, *, lr_eff, sigma, ratio, alpha, eps,
+                    weight_decay, momentum, centered) -> None:
+    r"""Scaled RMSprop (torch.optim.RMSprop semantics on ``g = g_hat / sigma``).
+
+    .. math::
+        v \leftarrow \alpha v + \tfrac{1-\alpha}{\sigma^2}\hat g^2,\quad
+        \hat{\bar g} \leftarrow \alpha \tfrac{\sigma_t}{\sigma_{t-1}} \hat{\bar g} + (1-\alpha)\hat g \text{ (centered)},\quad
+        a = \sqrt{v - \hat{\bar g}^2/\sigma^2} + \epsilon,\quad
+        \hat b \leftarrow \mu \tfrac{\sigma_t}{\sigma_{t-1}}\hat b + \hat g / a,\quad
+        p \leftarrow p - \tfrac{\eta}{\sigma}\hat b \;(\text{or } \tfrac{\eta}{\sigma}\hat g / a \text{ without momentum})
+    """
+    if weight_decay:
+        grads = torch._foreach_add(grads, params, alpha=sigma * weight_decay)
+    torch._foreach_mul_(square_avgs, alpha)
+    torch._foreach_addcmul_(square_avgs, grads, grads, value=(1 - alpha) / (sigma * sigma))
+    if centered:  # grad_avg kept in scaled units, like the momentum buffers
+        if ratio != 1.0:
+            torch._foreach_mul_(grad_avgs, ratio)
+        torch._foreach_lerp_(grad_avgs, grads, 1 - alpha)
+        avg = torch._foreach_addcmul(square_avgs, grad_avgs, grad_avgs, value=-1 / (sigma * sigma))
+        torch._foreach_sqrt_(avg)
+    else:
+        avg = torch._foreach_sqrt(square_avgs)
+    torch._foreach_add_(avg, eps)
+    if momentum:
+        torch._foreach_mul_(bufs, momentum * ratio)
+        torch._foreach_addcdiv_(bufs, grads, avg)
+        torch._foreach_add_(params, bufs, alpha=-lr_eff / sigma)
+    else:
+        torch._foreach_addcdiv_(params, grads, avg, value=-lr_eff / sigma)
+
+
+def adagrad_update_(params, grads, state_sums, *, step, lr_eff, sigma, lr_decay, eps, weight_decay) -> None:
+    r"""Scaled Adagrad (torch.optim.Adagrad semantics on ``g = g_hat / sigma``).
+
+    .. math::
+        S \leftarrow S + \hat g^2/\sigma^2,\quad
+        p \leftarrow p - \frac{\eta}{\sigma\,(1 + (t-1)\,\delta)}\,\frac{\hat g}{\sqrt{S} + \epsilon}
+    """
+    if weight_decay:
+        grads = torch._foreach_add(grads, params, alpha=sigma * weight_decay)
+    torch._foreach_addcmul_(state_sums, grads, grads, value=1 / (sigma * sigma))
+    std = torch._foreach_sqrt(state_sums)
+    torch._foreach_add_(std, eps)
+    clr = lr_eff / (1 + (step - 1) * lr_decay)
+    torch._foreach_addcdiv_(params, grads, std, value=-clr / sigma)
+
+
+# --------------------------------------------------------------------------- optimizer classes
+class _ScaledOptimizer(torch.optim.Optimizer):
+    """Shared front end: per-group ``scale`` and ``mode``, GradScaler hand-off, foreach or
+    per-tensor application of the rule, the sigma bookkeeping for buffer corrections."""
+
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, defaults: dict, scale: float, mode: str, foreach: bool | None):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        _check_scale(scale, "scale")
+        if defaults["lr"] < 0:
+            raise ValueError(f"invalid learning rate {defaults['lr']}")
+        defaults.update(scale=scale, mode=mode, foreach=foreach)
+        super().__init__(params, defaults)
+
+    def _group_update(self, group: dict, params: list, grads: list, states: list, *, lr_eff: float,
+                      sigma: float, ratio: float, step: int) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        """One step on gradients that carry ``group["scale"]`` (times the GradScaler scale when
+        stepped through ``scaler.step``); skipped when GradScaler found an inf/NaN."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and float(found_inf) != 0:
+            return loss
+        amp = getattr(self, "grad_scale", None)
+        amp = 1.0 if amp is None else float(amp)
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            s = _check_scale(group["scale"], "param group 'scale'")
+            sigma = s * amp
+            lr_eff = group["lr"] * s if group["mode"] == "step" else group["lr"]
+            states = [self.state[p] for p in params]
+            prev = states[0].get("sigma")
+            step = int(states[0].get("step", 0)) + 1
+            ratio = 1.0 if prev is None else sigma / prev
+            grads = [p.grad for p in params]
+            foreach = group["foreach"] if group["foreach"] is not None else True
+            if foreach:
+                self._group_update(group, params, grads, states, lr_eff=lr_eff, sigma=sigma, ratio=ratio, step=step)
+            else:
+                for p, g, st in zip(params, grads, states):
+                    self._group_update(group, [p], [g], [st], lr_eff=lr_eff, sigma=sigma, ratio=ratio, step=step)
+            for st in states:
+                st["step"] = float(step)
+                st["sigma"] = sigma
+        return loss
+
+
+class ScaledSGD(_ScaledOptimizer):
+    r"""SGD that consumes gradients of ``scale * loss`` (see the module doc).
+
+    ``ScaledSGD(params, lr, scale=s)`` fed gradients of ``s * L`` follows
+    ``torch.optim.SGD(params, lr * s)`` (``mode="step"``) or ``torch.optim.SGD(params, lr)``
+    (``mode="invariant"``) on ``L``; ``momentum``, ``dampening``, ``nesterov`` and (coupled)
+    ``weight_decay`` as in ``torch.optim.SGD``. State: one momentum buffer per parameter.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, *, scale: float = 1.0, mode: str = "step",
+                 foreach: bool | None = None):
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                                      nesterov=nesterov), scale, mode, foreach)
+
+    def _group_update(self, group, params, grads, states, *, lr_eff, sigma, ratio, step):
+        bufs = [st.get("momentum_buffer") for st in states]
+        bufs = sgd_update_(params, grads, bufs, lr_eff=lr_eff, sigma=sigma, ratio=ratio, momentum=group["momentum"],
+                           dampening=group["dampening"], nesterov=group["nesterov"],
+                           weight_decay=group["weight_decay"], first=step == 1)
+        if group["momentum"]:
+            for st, b in zip(states, bufs):
+                st["momentum_buffer"] = b
+
+
+class ScaledAdam(_ScaledOptimizer):
+    r"""Adam (``decoupled=False``) or AdamW (``decoupled=True``) that consumes gradients of
+    ``scale * loss``: the second moment receives ``g_hat^2 / sigma^2`` so that ``scale`` is a
+    step-size multiplier (``mode="step"``: follows ``torch.optim.Adam/AdamW(lr * s)``) or fully
+    compensated (``mode="invariant"``: follows ``torch.optim.Adam/AdamW(lr)``), ``eps`` keeping
+    its meaning. State: two buffers per parameter, as ``torch.optim.Adam``.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, *, decoupled: bool = False, scale: float = 1.0,
+                 mode: str = "step", foreach: bool | None = None):
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"invalid betas {betas}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                      decoupled=decoupled), scale, mode, foreach)
+
+    def _group_update(self, group, params, grads, states, *, lr_eff, sigma, ratio, step):
+        for st, p in zip(states, params):
+            if "exp_avg" not in st:
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        b1, b2 = group["betas"]
+        adam_update_(params, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+                     step=step, lr_eff=lr_eff, sigma=sigma, ratio=ratio, beta1=b1, beta2=b2, eps=group["eps"],
+                     weight_decay=group["weight_decay"], decoupled=group["decoupled"])
+
+
+def ScaledAdamW(params: Iterable, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                weight_decay: float = 1e-2, **kwargs) -> ScaledAdam:
+    """:class:`ScaledAdam` with decoupled weight decay (``torch.optim.AdamW`` semantics)."""
+    return ScaledAdam(params, lr, betas, eps, weight_decay, decoupled=True, **kwargs)
+
+
+class ScaledRMSprop(_ScaledOptimizer):
+    r"""RMSprop that consumes gradients of ``scale * loss`` (``torch.optim.RMSprop`` semantics:
+    ``alpha``, ``eps``, ``weight_decay``, ``momentum``, ``centered``); the square average
+    receives ``g_hat^2 / sigma^2``. State as ``torch.optim.RMSprop``.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
+                 weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False, *, scale: float = 1.0,
+                 mode: str = "step", foreach: bool | None = None):
+        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
+                                      centered=centered), scale, mode, foreach)
+
+    def _group_update(self, group, params, grads, states, *, lr_eff, sigma, ratio, step):
+        for st, p in zip(states, params):
+            if "square_avg" not in st:
+                st["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["momentum"]:
+                    st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["centered"]:
+                    st["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        rmsprop_update_(params, grads, [st["square_avg"] for st in states],
+                        [st.get("grad_avg") for st in states], [st.get("momentum_buffer") for st in states],
+                        lr_eff=lr_eff, sigma=sigma, ratio=ratio, alpha=group["alpha"], eps=group["eps"],
+                        weight_decay=group["weight_decay"], momentum=group["momentum"], centered=group["centered"])
+
+
+class ScaledAdagrad(_ScaledOptimizer):
+    r"""Adagrad that consumes gradients of ``scale * loss`` (``torch.optim.Adagrad`` semantics:
+    ``lr_decay``, ``weight_decay``, ``initial_accumulator_value``, ``eps``); the sum of squares
+    receives ``g_hat^2 / sigma^2``. State as ``torch.optim.Adagrad``.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-2, lr_decay: float = 0.0, weight_decay: float = 0.0,
+                 initial_accumulator_value: float = 0.0, eps: float = 1e-10, *, scale: float = 1.0,
+                 mode: str = "step", foreach: bool | None = None):
+        super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps,
+                                      initial_accumulator_value=initial_accumulator_value), scale, mode, foreach)
+
+    def _group_update(self, group, params, grads, states, *, lr_eff, sigma, ratio, step):
+        for st, p in zip(states, params):
+            if "sum" not in st:
+                st["sum"] = torch.full_like(p, group["initial_accumulator_value"], memory_format=torch.preserve_format)
+        adagrad_update_(params, grads, [st["sum"] for st in states], step=step, lr_eff=lr_eff, sigma=sigma,
+                        lr_decay=group["lr_decay"], eps=group["eps"], weight_decay=group["weight_decay"])
