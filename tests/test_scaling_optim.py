@@ -273,3 +273,25 @@ def test_state_dict_round_trip(name, scaled, ref, kw):
             (ss[t] * loss_at(m, t)).backward()
             o.step()
     assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
+
+
+@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.5, 0.6)])
+def test_adam_undecayed_moments_match_torch_state_across_renormalisations(betas):
+    """ScaledAdam stores moments undecayed and renormalises them when beta^-k passes 2^16
+    (every 16 steps for beta = 0.5); its moments equal torch.optim.Adam's state throughout."""
+    ss = scales(120)
+    m1, m2 = make_model(), make_model()
+    o1 = ScaledAdam(m1.parameters(), lr=0.01, betas=betas)
+    o2 = torch.optim.Adam(m2.parameters(), lr=0.01, betas=betas)
+    run_pair(o1, o2, m1, m2, 120, lambda t: ss[t], 0.01, "step")
+    assert rel_err(m1, m2) <= 1e-10
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        m, v = o1.moments(p1)
+        assert torch.allclose(m, o2.state[p2]["exp_avg"], rtol=1e-10, atol=1e-300)
+        assert torch.allclose(v, o2.state[p2]["exp_avg_sq"], rtol=1e-10, atol=1e-300)
+    assert o1.state[next(m1.parameters())]["ref_step"] > 0  # it did renormalise
+
+
+def test_adam_rejects_small_betas():
+    with pytest.raises(ValueError, match="betas"):
+        ScaledAdam(make_model().parameters(), betas=(0.0, 0.999))

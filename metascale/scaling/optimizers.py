@@ -17,14 +17,15 @@ Nothing is divided out of the gradients: ``1/sigma`` folds into the scalar const
 existing ``torch._foreach_*`` kernels, so no extra pass over the parameters is made:
 
 * SGD: ``p -= (lr_eff / sigma) * b_hat``; weight decay adds ``sigma * wd * p``.
-* Adam/AdamW: ``v <- b2 v + (1 - b2) g_hat^2 / sigma^2`` (``value`` of ``addcmul``), so ``v`` is
-  the unscaled second moment and ``eps`` keeps its meaning; ``m_hat = sigma m``; the step
-  constant becomes ``lr_eff / (sigma * bias_correction1)``.
+* Adam/AdamW: ``v~ += (1 - b2) / (b2^k sigma^2) * g_hat^2`` (the ``value`` of one ``addcmul``)
+  and ``m~ += (1 - b1) / (b1^k sigma) * g_hat``: undecayed moments in unscaled units, so
+  ``eps`` keeps its meaning; decay, bias corrections and ``1/sigma`` fold into the step
+  constants (:func:`adam_update_`).
 * RMSprop: as Adam for ``v``; when centered, ``grad_avg`` is kept scaled and enters as ``grad_avg^2 / sigma^2``.
 * Adagrad: ``sum += g_hat^2 / sigma^2``; step constant ``clr_eff / sigma``.
 
-**Momentum with a time-varying scale.** Buffers that accumulate gradients (SGD's ``b``, Adam's
-``m``, RMSprop's momentum) are kept in *scaled* units, ``b_hat_t = sigma_t b_t``. When
+**Momentum with a time-varying scale.** Buffers that accumulate gradients (SGD's ``b``,
+RMSprop's momentum and centered average) are kept in *scaled* units, ``b_hat_t = sigma_t b_t``. When
 ``sigma`` changes from ``sigma_{t-1}`` to ``sigma_t`` the decay constant absorbs the ratio,
 
 .. math:: \hat b_t = \mu \frac{\sigma_t}{\sigma_{t-1}} \hat b_{t-1} + \hat g_t,
@@ -92,33 +93,53 @@ def sgd_update_(params, grads, bufs, *, lr_eff, sigma, ratio, momentum, dampenin
     return bufs
 
 
-def adam_update_(params, grads, exp_avgs, exp_avg_sqs, *, step, lr_eff, sigma, ratio, beta1, beta2,
-                 eps, weight_decay, decoupled) -> None:
-    r"""Scaled Adam / AdamW (torch.optim semantics on ``g = g_hat / sigma``).
+def adam_update_(params, grads, exp_avgs, exp_avg_sqs, *, step, ref_step, lr_eff, sigma, beta1, beta2,
+                 eps, weight_decay, decoupled) -> int:
+    r"""Scaled Adam / AdamW (torch.optim semantics on ``g = g_hat / sigma``) in five passes.
+
+    The moments are stored *undecayed* relative to a reference step ``t0``
+    (``m_t = beta1^(t-t0) m~``, ``v_t = beta2^(t-t0) v~``), so each moment update is a single
+    kernel whose constant absorbs the decay, the scale and ``1 - beta``:
 
     .. math::
-        \hat m \leftarrow \beta_1 \tfrac{\sigma_t}{\sigma_{t-1}} \hat m + (1-\beta_1)\hat g,\quad
-        v \leftarrow \beta_2 v + \tfrac{1-\beta_2}{\sigma^2} \hat g^2,\quad
-        p \leftarrow p - \frac{\eta\sqrt{1-\beta_2^t}}{\sigma (1-\beta_1^t)}
-                         \frac{\hat m}{\sqrt{v} + \epsilon\sqrt{1-\beta_2^t}}
+        \tilde m \mathrel{+}= \frac{1-\beta_1}{\beta_1^{k}\,\sigma}\,\hat g,\qquad
+        \tilde v \mathrel{+}= \frac{1-\beta_2}{\beta_2^{k}\,\sigma^2}\,\hat g^2,\qquad k = t - t_0,
 
-    Weight decay: coupled (Adam) adds ``sigma * wd * p`` to ``g_hat``; decoupled (AdamW)
-    multiplies ``p`` by ``1 - lr_eff * wd``.
+    and the parameter update folds the bias corrections and the decay back in:
+
+    .. math::
+        p \leftarrow p - \eta\,\frac{\beta_1^{k}\sqrt{1-\beta_2^t}}{(1-\beta_1^t)\,\beta_2^{k/2}}\,
+        \frac{\tilde m}{\sqrt{\tilde v} + \epsilon\sqrt{1-\beta_2^t}\,\beta_2^{-k/2}}
+
+    which is algebraically torch's ``p - lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)``. The
+    moments are in unscaled units, so a scale that changes between steps needs no buffer
+    correction. When ``beta^-k`` passes ``2^16`` the moments are renormalised (one extra pass,
+    about every ``11 / (1 - beta1)`` steps) and ``t0`` moves to ``t - 1``. Passes per step: two
+    moment kernels, ``sqrt``, ``+ eps``, ``addcdiv`` (torch's foreach Adam: seven, plus
+    GradScaler's unscale). Weight decay as in torch: coupled adds ``sigma * wd * p`` to
+    ``g_hat``; decoupled multiplies ``p`` by ``1 - lr_eff * wd``.
+
+    Returns the (possibly moved) reference step ``t0``.
     """
     if weight_decay:
         if decoupled:
             torch._foreach_mul_(params, 1 - lr_eff * weight_decay)
         else:
             grads = torch._foreach_add(grads, params, alpha=sigma * weight_decay)
-    if ratio != 1.0:
-        torch._foreach_mul_(exp_avgs, ratio)
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=(1 - beta2) / (sigma * sigma))
+    if beta1 ** (step - ref_step) < 2.0 ** -16 or beta2 ** (step - ref_step) < 2.0 ** -16:
+        k_prev = step - 1 - ref_step
+        torch._foreach_mul_(exp_avgs, beta1 ** k_prev)
+        torch._foreach_mul_(exp_avg_sqs, beta2 ** k_prev)
+        ref_step = step - 1
+    k = step - ref_step
+    d1, d2 = beta1 ** k, beta2 ** k
+    torch._foreach_add_(exp_avgs, grads, alpha=(1 - beta1) / (d1 * sigma))
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=(1 - beta2) / (d2 * sigma * sigma))
     bc1, bc2_sqrt = 1 - beta1 ** step, math.sqrt(1 - beta2 ** step)
     denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_add_(denom, eps * bc2_sqrt)
-    torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr_eff * bc2_sqrt / (bc1 * sigma))
+    torch._foreach_add_(denom, eps * bc2_sqrt / math.sqrt(d2))
+    torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr_eff * d1 * bc2_sqrt / (bc1 * math.sqrt(d2)))
+    return ref_step
 
 
 def rmsprop_update_(params, grads, square_avgs, grad_avgs, bufs, *, lr_eff, sigma, ratio, alpha, eps,
@@ -266,20 +287,32 @@ class ScaledAdam(_ScaledOptimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, *, decoupled: bool = False, scale: float = 1.0,
                  mode: str = "step", foreach: bool | None = None):
-        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"invalid betas {betas}")
+        if not (0.5 <= betas[0] < 1 and 0.5 <= betas[1] < 1):
+            raise ValueError(f"betas must lie in [0.5, 1) (the undecayed-moment kernels divide by beta^k), got {betas}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       decoupled=decoupled), scale, mode, foreach)
 
     def _group_update(self, group, params, grads, states, *, lr_eff, sigma, ratio, step):
         for st, p in zip(states, params):
-            if "exp_avg" not in st:
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if "exp_avg_undecayed" not in st:
+                st["exp_avg_undecayed"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq_undecayed"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["ref_step"] = 0.0
         b1, b2 = group["betas"]
-        adam_update_(params, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
-                     step=step, lr_eff=lr_eff, sigma=sigma, ratio=ratio, beta1=b1, beta2=b2, eps=group["eps"],
-                     weight_decay=group["weight_decay"], decoupled=group["decoupled"])
+        ref = adam_update_(params, grads, [st["exp_avg_undecayed"] for st in states],
+                           [st["exp_avg_sq_undecayed"] for st in states], step=step, ref_step=int(states[0]["ref_step"]),
+                           lr_eff=lr_eff, sigma=sigma, beta1=b1, beta2=b2, eps=group["eps"],
+                           weight_decay=group["weight_decay"], decoupled=group["decoupled"])
+        for st in states:
+            st["ref_step"] = float(ref)
+
+    def moments(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(exp_avg, exp_avg_sq)`` of parameter ``p`` in ``torch.optim.Adam``'s units (new tensors)."""
+        st = self.state[p]
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        b1, b2 = group["betas"]
+        k = st["step"] - st["ref_step"]
+        return st["exp_avg_undecayed"] * b1 ** k, st["exp_avg_sq_undecayed"] * b2 ** k
 
 
 def ScaledAdamW(params: Iterable, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
