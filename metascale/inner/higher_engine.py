@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Callable
 
 import higher
 import torch
@@ -61,7 +62,8 @@ class UnrollResult:
 
 def unroll(task: Task, meta: dict[str, torch.Tensor], rule: LayerwiseConfig, steps: int, *,
            objective: str = "log_mean", device: torch.device | str | None = None,
-           dtype: torch.dtype | None = None, track_higher_grads: bool = True) -> UnrollResult:
+           dtype: torch.dtype | None = None, track_higher_grads: bool = True,
+           train_loss: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None) -> UnrollResult:
     """Train a fresh model of ``task`` for ``steps`` differentiable steps; return the meta-loss.
 
     Args:
@@ -72,6 +74,9 @@ def unroll(task: Task, meta: dict[str, torch.Tensor], rule: LayerwiseConfig, ste
         objective: see :func:`meta_objective`.
         track_higher_grads: ``False`` evaluates without building the second-order graph
             (memory of one training step instead of ``K``).
+        train_loss: a learned loss ``(pred, target, t / steps) -> scalar`` used for the inner
+            training steps instead of the task's loss. The meta-loss always uses the task's
+            true loss on validation data.
     """
     dtype = dtype or meta["log_step_size"].dtype
     task = task.to(device=device, dtype=dtype)
@@ -85,7 +90,8 @@ def unroll(task: Task, meta: dict[str, torch.Tensor], rule: LayerwiseConfig, ste
             trace.append(float(task.loss(fmodel(task.x_val), task.y_val)))
         for t in range(steps):
             x, y = task.train_batch(t)
-            diffopt.step(task.loss(fmodel(x), y))
+            pred = fmodel(x)
+            diffopt.step(task.loss(pred, y) if train_loss is None else train_loss(pred, y, t / steps))
             val = task.loss(fmodel(task.x_val), task.y_val)
             val_losses.append(val)
             v = float(val.detach())

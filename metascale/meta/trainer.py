@@ -25,7 +25,10 @@ from tqdm.auto import tqdm
 from ..config import check
 from ..inner.higher_engine import unroll
 from ..optim.groups import ROLES
-from ..optim.layerwise import init_meta
+from ..losses import LossConfig, make_loss
+from ..optim.layerwise import LayerwiseConfig, init_meta
+
+LEARN = ("optimizer", "loss", "both")
 
 if TYPE_CHECKING:
     from ..spec import Spec
@@ -68,10 +71,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 @dataclasses.dataclass
 class MetaResult:
-    """Meta-trained parameters (detached, CPU, float32) and a summary for the export file."""
+    """Meta-trained parameters (detached, CPU, float32), a summary for the export file, the rule
+    config the inner loop ran, and the learned loss (``None`` unless it was learned)."""
 
     meta: dict[str, torch.Tensor]
     summary: dict
+    rule: LayerwiseConfig | None = None
+    loss: torch.nn.Module | None = None
 
 
 def describe(meta: dict[str, torch.Tensor]) -> dict:
@@ -91,7 +97,14 @@ class MetaTrainer:
     """
 
     def __init__(self, spec: "Spec", *, seed: int = 0, device: str | torch.device | None = "auto",
-                 meta_steps: int | None = None, progress: bool = True):
+                 meta_steps: int | None = None, progress: bool = True, learn: str = "optimizer",
+                 loss_config: LossConfig | None = None, inner_lr: float | None = None):
+        if learn not in LEARN:
+            raise ValueError(f"learn must be one of {LEARN}, got {learn!r}")
+        if learn == "loss" and inner_lr is None:
+            raise ValueError("learn='loss' trains the loss under plain SGD: give its inner_lr "
+                             "(metascale.evaluate.tune_lr picks it on meta-train tasks)")
+        self.learn, self.loss_config, self.inner_lr = learn, loss_config or LossConfig(), inner_lr
         self.spec = spec
         self.seed = seed
         self.device = resolve_device(device)
@@ -101,11 +114,19 @@ class MetaTrainer:
     def train(self, metrics_path: str | Path | None = None) -> MetaResult:
         """Run the meta-training loop; write one JSON line per meta-step to ``metrics_path``."""
         spec, cfg = self.spec, self.spec.meta
-        meta = init_meta(spec.optimizer, spec.inner.steps, device=self.device)
-        for v in meta.values():
-            v.requires_grad_(True)
-        adam = torch.optim.Adam(list(meta.values()), lr=cfg.lr)
         sampler = spec.sampler("train", self.seed)
+        learn_opt, learn_loss = self.learn in ("optimizer", "both"), self.learn in ("loss", "both")
+        # learn='loss': the inner optimizer is plain SGD, i.e. the layer-wise rule at unit
+        # meta-parameters without momentum (tests/test_optim.py proves the equality)
+        rule = spec.optimizer if learn_opt else LayerwiseConfig(init_lr=self.inner_lr, momentum=0.0, per_step=False)
+        meta = init_meta(rule, spec.inner.steps, device=self.device)
+        loss_fn = make_loss(sampler.task(0).kind, self.loss_config, seed=self.seed).to(self.device) if learn_loss else None
+        params = []
+        if learn_opt:
+            params += [v.requires_grad_(True) for v in meta.values()]
+        if learn_loss:
+            params += list(loss_fn.parameters())
+        adam = torch.optim.Adam(params, lr=cfg.lr)
         if metrics_path:
             Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
         out = open(metrics_path, "w") if metrics_path else None
@@ -114,16 +135,18 @@ class MetaTrainer:
         try:
             for step in bar:
                 adam.zero_grad(set_to_none=True)
-                grads = [torch.zeros_like(v) for v in meta.values()]
+                grads = [torch.zeros_like(v) for v in params]
                 losses, n_ok = [], 0
                 for j in range(cfg.batch_size):
                     task = sampler.task(step * cfg.batch_size + j)
-                    res = unroll(task, meta, spec.optimizer, spec.inner.steps,
-                                 objective=spec.inner.objective, device=self.device)
+                    res = unroll(task, meta, rule, spec.inner.steps, objective=spec.inner.objective,
+                                 device=self.device, train_loss=loss_fn)
                     if not torch.isfinite(res.meta_loss):
                         skipped += 1
                         continue
-                    g = torch.autograd.grad(res.meta_loss, list(meta.values()))
+                    g = torch.autograd.grad(res.meta_loss, params, allow_unused=True)
+                    # unused: e.g. a learned loss's output bias, a constant that moves no gradient
+                    g = [torch.zeros_like(v) if x is None else x for v, x in zip(params, g)]
                     if not all(torch.isfinite(x).all() for x in g):
                         skipped += 1
                         continue
@@ -133,15 +156,15 @@ class MetaTrainer:
                     n_ok += 1
                 gnorm = None
                 if n_ok:
-                    for v, acc in zip(meta.values(), grads):
+                    for v, acc in zip(params, grads):
                         v.grad = acc / n_ok
-                    gnorm = float(torch.nn.utils.clip_grad_norm_(list(meta.values()), cfg.clip if cfg.clip > 0 else math.inf))
+                    gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else math.inf))
                     adam.step()
                 loss = sum(losses) / len(losses) if losses else None
                 history.append(loss)
                 record = {"meta_step": step, "meta_loss": loss, "meta_grad_norm": gnorm, "tasks_ok": n_ok,
                           "skipped_total": skipped, "elapsed_s": round(time.time() - t0, 3),
-                          "learned": describe({k: v.detach().cpu() for k, v in meta.items()})}
+                          "learned": describe({k: v.detach().cpu() for k, v in meta.items()}) if learn_opt else None}
                 if out:
                     out.write(json.dumps(record) + "\n")
                     out.flush()
@@ -155,5 +178,8 @@ class MetaTrainer:
                    "skipped_tasks": skipped, "wall_time_s": round(time.time() - t0, 2),
                    "first_meta_loss": next((h for h in history if h is not None), None),
                    "final_meta_loss_avg_last_10pct": sum(tail) / len(tail) if tail else None,
-                   "torch_version": torch.__version__}
-        return MetaResult(meta=final, summary=summary)
+                   "torch_version": torch.__version__, "learn": self.learn}
+        if loss_fn is not None:
+            loss_fn = loss_fn.cpu().float().requires_grad_(False)
+            summary["inner_lr"] = self.inner_lr
+        return MetaResult(meta=final, summary=summary, rule=rule, loss=loss_fn)

@@ -1,0 +1,162 @@
+"""Learned losses: exact identity at init, meta-gradients, export, and the meta-objective."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import metascale
+from metascale.errors import ExportFormatError
+from metascale.inner import unroll
+from metascale.losses import LossConfig, make_loss
+from metascale.optim import LayerwiseConfig, init_meta
+from metascale.spec import load_spec
+from metascale.tasks import SineConfig, SineFamily, TaskSampler
+
+SPECS = Path(__file__).resolve().parent.parent / "tasks"
+KINDS = [("ml3", True), ("ml3", False), ("adaptive_scale", True), ("adaptive_scale", False)]
+
+
+def model(n_in: int, n_out: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(n_in, 8), nn.Tanh(), nn.Linear(8, n_out)).double()
+
+
+def data(kind: str):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    if kind == "regression":
+        return x, torch.sin(x[:, :1]), model(3, 1), model(3, 1)
+    return x, torch.randint(0, 4, (12,), generator=g), model(3, 4), model(3, 4)
+
+
+@pytest.mark.parametrize("task_kind", ["regression", "classification"])
+@pytest.mark.parametrize("kind, frac", KINDS)
+def test_init_is_exactly_the_task_loss_and_its_sgd_trajectory(task_kind, kind, frac):
+    """At init the learned loss equals MSE / cross-entropy bitwise, and 50 SGD steps on it give
+    bitwise the same parameters as 50 SGD steps on the task loss."""
+    x, y, m1, m2 = data(task_kind)
+    loss = make_loss(task_kind, LossConfig(kind=kind, hidden=6, step_fraction=frac)).double()
+    base = nn.MSELoss() if task_kind == "regression" else nn.CrossEntropyLoss()
+    assert torch.equal(loss(m1(x), y, 0.3), base(m1(x), y))
+    o1, o2 = torch.optim.SGD(m1.parameters(), lr=0.1), torch.optim.SGD(m2.parameters(), lr=0.1)
+    for t in range(50):
+        o1.zero_grad()
+        loss(m1(x), y, t / 50).backward()
+        o1.step()
+        o2.zero_grad()
+        base(m2(x), y).backward()
+        o2.step()
+    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
+
+
+def perturb_(loss: nn.Module, seed: int = 3, sigma: float = 0.3) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in loss.parameters():
+            p.add_(sigma * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return loss
+
+
+def small_task():
+    return TaskSampler(SineFamily(SineConfig(hidden=(5,), n_train=6, n_val=12)), "train", 2, 6).task(0)
+
+
+@pytest.mark.parametrize("kind", ["ml3", "adaptive_scale"])
+def test_meta_gradient_through_the_loss_network_gradcheck_float64(kind):
+    loss = perturb_(make_loss("regression", LossConfig(kind=kind, hidden=3)).double())
+    names = [n for n, _ in loss.named_parameters()]
+    inputs = tuple(p.detach().clone().requires_grad_() for p in loss.parameters())
+    rule = LayerwiseConfig(init_lr=0.05, momentum=0.0, per_step=False)
+    meta = init_meta(rule, 3, dtype=torch.float64)
+    task = small_task()
+
+    def f(*ps):
+        params = dict(zip(names, ps))
+        fn = lambda pred, y, frac: torch.func.functional_call(loss, params, (pred, y, frac))
+        return unroll(task, meta, rule, 3, train_loss=fn).meta_loss
+
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
+    grads = torch.autograd.grad(f(*inputs), inputs, allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 1e-8 for g in grads)
+
+
+def test_learned_loss_never_makes_the_meta_objective():
+    """A constant added to the learned loss moves no inner gradient, so the trajectory and the
+    meta-loss (true validation loss) are unchanged; were the learned loss the objective, the
+    meta-loss would move by the constant."""
+    rule = LayerwiseConfig(init_lr=0.05, momentum=0.0, per_step=False)
+    meta = init_meta(rule, 4, dtype=torch.float64)
+    task = small_task()
+    loss = make_loss("regression", LossConfig(hidden=4)).double()
+    plain = unroll(task, meta, rule, 4)
+    with torch.no_grad():
+        loss.net[2].bias.fill_(100.0)
+    learned = unroll(task, meta, rule, 4, train_loss=loss)
+    assert learned.val_losses == plain.val_losses
+    assert float(learned.meta_loss.detach()) == float(plain.meta_loss.detach())
+
+
+def tiny(name="sine.toml"):
+    spec = load_spec(SPECS / name)
+    return dataclasses.replace(spec, inner=dataclasses.replace(spec.inner, steps=4),
+                               meta=dataclasses.replace(spec.meta, batch_size=2))
+
+
+@pytest.mark.parametrize("learn", ["loss", "both"])
+def test_meta_training_moves_the_loss_and_round_trips_through_load_loss(learn, tmp_path):
+    spec = tiny()
+    res = metascale.MetaTrainer(spec, meta_steps=3, learn=learn, inner_lr=0.05, device="cpu", progress=False).train()
+    fresh = make_loss("regression", LossConfig())
+    moved = max((a - b).abs().max() for a, b in zip(res.loss.state_dict().values(), fresh.state_dict().values()))
+    assert moved > 1e-3
+    path = metascale.save_loss(tmp_path / "loss.safetensors", res.loss, spec.to_dict(), res.summary)
+    loaded = metascale.load_loss(path)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), res.loss.state_dict().values()))
+    x, y = torch.randn(7, 1), torch.randn(7, 1)
+    assert torch.equal(loaded(x, y, 0.25), res.loss(x, y, 0.25))
+    assert not any(p.requires_grad for p in loaded.parameters())
+    init = init_meta(res.rule, spec.inner.steps)
+    optimizer_moved = not torch.equal(res.meta["log_step_size"], init["log_step_size"])
+    assert optimizer_moved == (learn == "both")
+    if learn == "loss":  # plain SGD at the given step size underneath
+        assert res.rule.momentum == 0 and not res.rule.per_step and res.rule.init_lr == 0.05
+
+
+def test_learn_loss_needs_an_inner_lr_and_a_known_mode():
+    with pytest.raises(ValueError, match="inner_lr"):
+        metascale.MetaTrainer(tiny(), learn="loss")
+    with pytest.raises(ValueError, match="learn"):
+        metascale.MetaTrainer(tiny(), learn="everything")
+
+
+def test_bad_loss_files(tmp_path):
+    loss = make_loss("classification", LossConfig(kind="adaptive_scale", hidden=5))
+    good = metascale.save_loss(tmp_path / "l.safetensors", loss, {}, {})
+    assert metascale.load_loss(good).task_kind == "classification"
+    data = good.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ExportFormatError, match="truncated"):
+        metascale.load_loss(tmp_path / "cut.safetensors")
+    opt = metascale.save_optimizer(tmp_path / "o.safetensors", init_meta(LayerwiseConfig(), 2), LayerwiseConfig(),
+                                   load_spec(SPECS / "sine.toml").to_dict(), {})
+    with pytest.raises(ExportFormatError, match="not a metascale loss file"):
+        metascale.load_loss(opt)
+    from safetensors.torch import save_file
+    from safetensors import safe_open
+    with safe_open(str(good), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for change, needle in [({"format_version": "9"}, "version"), ({"loss_config": "{"}, "JSON"),
+                           ({"task_kind": "ranking"}, "task_kind"), ({"loss_config": '{"kind": "l1"}'}, "kind")]:
+        save_file(tensors, str(tmp_path / "m.safetensors"), metadata={**meta, **change})
+        with pytest.raises(ExportFormatError, match=needle):
+            metascale.load_loss(tmp_path / "m.safetensors")
+    bad = dict(tensors)
+    bad["net.0.weight"] = torch.zeros(2, 2)
+    save_file(bad, str(tmp_path / "s.safetensors"), metadata=meta)
+    with pytest.raises(ExportFormatError, match="tensors"):
+        metascale.load_loss(tmp_path / "s.safetensors")
