@@ -59,16 +59,30 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise MetascaleError(f"--out {out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
+    from .losses import LossConfig
+    inner_lr = None
+    if args.learn == "loss":  # the loss trains under plain SGD at its step size tuned on the task loss
+        from .evaluate import BASELINES, tune_lr, tuning_tasks
+        # the same tasks, horizon and grid as `evaluate --seed S` uses for its SGD baseline
+        inner_lr, _ = tune_lr(BASELINES["sgd"], tuning_tasks(spec, args.seed), spec.evaluate.steps or spec.inner.steps,
+                              spec.evaluate.grid(), device)
+        print(f"inner SGD step size tuned on meta-train tasks (task loss): {inner_lr:.3g}")
     trainer = MetaTrainer(spec, seed=args.seed, device=device, meta_steps=args.meta_steps,
-                          progress=not args.quiet)
+                          progress=not args.quiet, learn=args.learn, loss_config=LossConfig(kind=args.loss),
+                          inner_lr=inner_lr)
     result = trainer.train(metrics_path=out / "metrics.jsonl")
-    path = save_optimizer(out / "optimizer.safetensors", result.meta, spec.optimizer, spec.to_dict(),
-                          result.summary, rule=args.rule)
+    written = []
+    if args.learn in ("optimizer", "both"):
+        written.append(save_optimizer(out / "optimizer.safetensors", result.meta, spec.optimizer, spec.to_dict(),
+                                      result.summary, rule=args.rule))
+    if args.learn in ("loss", "both"):
+        from .export import save_loss
+        written.append(save_loss(out / "loss.safetensors", result.loss, spec.to_dict(), result.summary))
     s = result.summary
     print(f"meta-trained {spec.name} for {s['meta_steps']} meta-steps in {s['wall_time_s']} s "
           f"(meta-loss {s['first_meta_loss']} -> {s['final_meta_loss_avg_last_10pct']}, "
           f"skipped tasks {s['skipped_tasks']})")
-    print(f"wrote {path} and {out / 'metrics.jsonl'}")
+    print(f"wrote {', '.join(map(str, written))} and {out / 'metrics.jsonl'}")
     return 0
 
 
@@ -78,14 +92,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .export import load_optimizer, read_optimizer
     from .meta import resolve_device
     from .spec import load_spec
-    read_optimizer(args.file)  # validate every input before any work
+    from .export import file_format, read_loss
+    is_loss = file_format(args.file) == "metascale.loss"
+    learned, losses = {}, {}
+    if is_loss:  # a learned loss alone: SGD on it vs SGD on the task loss, at equal tuned step size
+        if args.loss:
+            raise MetascaleError("--loss: FILE is already a learned loss; give an optimizer file with --loss")
+        losses["sgd+learned_loss"] = ("sgd", read_loss(args.file).module)
+    else:
+        read_optimizer(args.file)  # validate every input before any work
+        learned["learned"] = lambda p, lr: load_optimizer(args.file, p, lr=lr)
+        if args.loss:
+            losses["learned+learned_loss"] = ("learned", read_loss(args.loss).module)
     spec = load_spec(args.spec)
     device = resolve_device(args.device)
     if args.json and Path(args.json).is_dir():
         raise MetascaleError(f"--json {args.json}: is a folder; give a file path")
-    learned = {"learned": lambda p, lr: load_optimizer(args.file, p, lr=lr)}
     result = evaluate(learned, spec, n_tasks=args.tasks, steps=args.steps, seed=args.seed, device=device,
-                      progress=not args.quiet)
+                      progress=not args.quiet, losses=losses)
     result["file"] = str(args.file)
     print(format_table(result))
     if args.json:
@@ -146,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--spec", required=True, help="task-distribution spec, e.g. tasks/sine.toml")
     m.add_argument("--out", required=True, help="output folder (optimizer.safetensors, metrics.jsonl)")
     m.add_argument("--rule", default="layerwise", choices=RULES, help="learnable optimizer rule (default: layerwise)")
+    m.add_argument("--learn", default="optimizer", choices=("optimizer", "loss", "both"),
+                   help="what to meta-train: the layer-wise optimizer (OUT/optimizer.safetensors), a learned loss "
+                        "under plain SGD at its tuned step size (OUT/loss.safetensors), or both jointly")
+    m.add_argument("--loss", default="ml3", choices=("ml3", "adaptive_scale"),
+                   help="learned loss kind for --learn loss|both (default: ml3)")
     m.add_argument("--meta-steps", type=_nonneg, help="meta-steps (default: the spec's [meta] steps)")
     m.add_argument("--seed", type=_nonneg, default=0, help="seed of task draws and model inits (default 0)")
     m.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
@@ -155,7 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="compare an exported optimizer with tuned baselines on held-out tasks",
                        description=cmd_evaluate.__doc__ + " Baseline learning rates (SGD, SGD+momentum, Adam) are "
                        "tuned on meta-train draws over a log grid; evaluation uses meta-test draws.")
-    e.add_argument("file", help="exported optimizer (.safetensors)")
+    e.add_argument("file", help="exported optimizer or learned loss (.safetensors); a loss is compared as "
+                                "SGD on it against SGD on the task loss at the same tuned step size")
+    e.add_argument("--loss", help="a learned loss file to also train the exported optimizer on "
+                                  "(row learned+learned_loss)")
     e.add_argument("--spec", required=True, help="task-distribution spec whose meta-test draws are used")
     e.add_argument("--tasks", type=_positive, help="held-out tasks N (default: the spec's [evaluate] tasks)")
     e.add_argument("--steps", type=_positive, help="training steps T (default: the spec's, else its K)")

@@ -60,9 +60,15 @@ class EvaluateConfig:
 
 
 def train_curve(task: Task, make_opt: Callable[[Iterable[torch.Tensor]], torch.optim.Optimizer],
-                steps: int, device: torch.device | str | None = None) -> list[float]:
+                steps: int, device: torch.device | str | None = None, train_loss=None) -> list[float]:
     """Train a fresh model of ``task`` for ``steps`` steps; return validation losses
-    ``[L_0, ..., L_T]`` (``inf`` from the first non-finite value on)."""
+    ``[L_0, ..., L_T]`` of the task's true loss (``inf`` from the first non-finite value on).
+    ``train_loss(pred, target, t / steps)`` replaces the task loss for the training steps."""
+    return train_run(task, make_opt, steps, device, train_loss)[0]
+
+
+def train_run(task: Task, make_opt, steps: int, device=None, train_loss=None) -> tuple[list[float], float | None]:
+    """:func:`train_curve` plus the final validation accuracy (classification tasks, else ``None``)."""
     task = task.to(device=device)
     model = task.make_model(device=device)
     opt = make_opt(model.parameters())
@@ -72,7 +78,8 @@ def train_curve(task: Task, make_opt: Callable[[Iterable[torch.Tensor]], torch.o
     for t in range(steps):
         x, y = task.train_batch(t)
         opt.zero_grad(set_to_none=True)
-        loss = task.loss(model(x), y)
+        pred = model(x)
+        loss = task.loss(pred, y) if train_loss is None else train_loss(pred, y, t / steps)
         if not torch.isfinite(loss):
             curve.extend([math.inf] * (steps - t))
             break
@@ -81,7 +88,11 @@ def train_curve(task: Task, make_opt: Callable[[Iterable[torch.Tensor]], torch.o
         with torch.no_grad():
             v = float(task.loss(model(task.x_val), task.y_val))
         curve.append(v if math.isfinite(v) else math.inf)
-    return curve
+    acc = None
+    if task.kind == "classification":
+        with torch.no_grad():
+            acc = float((model(task.x_val).argmax(-1) == task.y_val).double().mean())
+    return curve, acc
 
 
 def tune_lr(factory: OptFactory, tasks: list[Task], steps: int, grid: list[float],
@@ -95,6 +106,11 @@ def tune_lr(factory: OptFactory, tasks: list[Task], steps: int, grid: list[float
     return grid[best], scores
 
 
+def tuning_tasks(spec, seed: int) -> list[Task]:
+    """The meta-train draws on which :func:`evaluate` tunes the baselines' learning rates."""
+    return spec.sampler("train", mix_seed(seed, 0x70E)).tasks(spec.evaluate.tune_tasks)
+
+
 def _steps_to(curve: list[float], target: float) -> float:
     """First step ``t >= 1`` with ``curve[t] <= target``; ``inf`` if never."""
     for t, v in enumerate(curve[1:], start=1):
@@ -103,8 +119,9 @@ def _steps_to(curve: list[float], target: float) -> float:
     return math.inf
 
 
-def summarize(curves: dict[str, list[list[float]]]) -> dict[str, dict]:
-    """Per optimizer: median/IQR of final loss and steps to reach Adam's final loss."""
+def summarize(curves: dict[str, list[list[float]]], accuracies: dict[str, list] | None = None) -> dict[str, dict]:
+    """Per optimizer: median/IQR of final loss, steps to reach Adam's final loss, and the
+    median final validation accuracy (classification)."""
     adam_final = [c[-1] for c in curves["adam"]] if "adam" in curves else None
     out = {}
     for name, cs in curves.items():
@@ -118,42 +135,54 @@ def summarize(curves: dict[str, list[list[float]]]) -> dict[str, dict]:
             med = float(np.median(steps))
             row["median_steps_to_adam"] = med if math.isfinite(med) else None
             row["reached_adam_fraction"] = float(np.mean([math.isfinite(s) for s in steps]))
+        accs = (accuracies or {}).get(name)
+        if accs and accs[0] is not None:
+            row["median_final_accuracy"] = float(np.median(accs))
         out[name] = row
     return out
 
 
 def evaluate(learned: dict[str, OptFactory], spec, *, n_tasks: int | None = None,
              steps: int | None = None, seed: int = 0, device: torch.device | str | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, losses: dict[str, tuple[str, Callable]] | None = None) -> dict:
     """Compare ``learned`` optimizers (name -> factory ``(params, lr_multiplier)``) with the
-    tuned baselines on held-out tasks of ``spec``; returns the JSON-able result."""
+    tuned baselines on held-out tasks of ``spec``; returns the JSON-able result.
+
+    ``losses`` adds runs that train on a learned loss: name -> (optimizer name, loss), where the
+    optimizer is a baseline (at its learning rate tuned on the task loss: "equal tuned step
+    size") or a key of ``learned``. Every curve is the task's true validation loss."""
     cfg = spec.evaluate
     n = n_tasks or cfg.tasks
     T = steps or cfg.steps or spec.inner.steps
     grid = cfg.grid()
-    tune_sampler = spec.sampler("train", mix_seed(seed, 0x70E))
-    tune_tasks = tune_sampler.tasks(cfg.tune_tasks)
+    tune_tasks = tuning_tasks(spec, seed)
     test_tasks = spec.sampler("test", seed).tasks(n)
     result = {"spec": spec.name, "tasks": n, "steps": T, "seed": seed, "meta_train_horizon": spec.inner.steps,
               "lr_grid": grid, "optimizers": {}}
     tuned = {}
-    names = list(BASELINES) + list(learned)
+    losses = losses or {}
+    names = list(BASELINES) + list(learned) + list(losses)
     bar = tqdm(total=len(BASELINES) * len(grid) + len(names), desc="evaluate", disable=not progress, dynamic_ncols=True)
     for name, factory in BASELINES.items():
         best, scores = tune_lr(factory, tune_tasks, T, grid, device)
         tuned[name] = (best, scores)
         bar.update(len(grid))
-    curves = {}
+    curves, accs = {}, {}
     for name in names:
-        if name in BASELINES:
-            lr = tuned[name][0]
-            fac = lambda p, f=BASELINES[name], lr=lr: f(p, lr)
+        opt_name, loss_fn = losses.get(name, (name, None))
+        if opt_name in BASELINES:
+            lr = tuned[opt_name][0]
+            fac = lambda p, f=BASELINES[opt_name], lr=lr: f(p, lr)
         else:
-            fac = lambda p, f=learned[name]: f(p, 1.0)
-        curves[name] = [train_curve(t, fac, T, device) for t in test_tasks]
+            fac = lambda p, f=learned[opt_name]: f(p, 1.0)
+        runs = [train_run(t, fac, T, device, loss_fn) for t in test_tasks]
+        curves[name], accs[name] = [r[0] for r in runs], [r[1] for r in runs]
         bar.update(1)
     bar.close()
-    result["optimizers"] = summarize(curves)
+    result["optimizers"] = summarize(curves, accs)
+    for name, (opt_name, _) in losses.items():
+        if opt_name in tuned:
+            result["optimizers"][name]["tuned_lr"] = tuned[opt_name][0]
     for name, (lr, scores) in tuned.items():
         result["optimizers"][name]["tuned_lr"] = lr
         result["optimizers"][name]["tuning_median_final_loss"] = scores
@@ -164,10 +193,12 @@ def format_table(result: dict) -> str:
     """A plain-text table of :func:`evaluate`'s result."""
     lines = [f"held-out evaluation: spec={result['spec']} tasks={result['tasks']} steps={result['steps']} "
              f"(meta-train horizon {result['meta_train_horizon']}), seed={result['seed']}",
-             f"{'optimizer':<14}{'tuned lr':>10}{'median final':>15}{'IQR':>12}{'steps to Adam':>15}{'reached':>9}"]
+             f"{'optimizer':<18}{'tuned lr':>10}{'median final':>15}{'IQR':>12}{'steps to Adam':>15}{'reached':>9}"
+             f"{'accuracy':>10}"]
     for name, row in result["optimizers"].items():
         lr = f"{row['tuned_lr']:.3g}" if "tuned_lr" in row else "-"
         st = row.get("median_steps_to_adam")
-        lines.append(f"{name:<14}{lr:>10}{row['median_final_loss']:>15.5g}{row['iqr_final_loss']:>12.4g}"
-                     f"{('never' if st is None else f'{st:.0f}'):>15}{row.get('reached_adam_fraction', 0):>9.0%}")
+        acc = f"{row['median_final_accuracy']:.3f}" if "median_final_accuracy" in row else "-"
+        lines.append(f"{name:<18}{lr:>10}{row['median_final_loss']:>15.5g}{row['iqr_final_loss']:>12.4g}"
+                     f"{('never' if st is None else f'{st:.0f}'):>15}{row.get('reached_adam_fraction', 0):>9.0%}{acc:>10}")
     return "\n".join(lines)

@@ -160,3 +160,34 @@ def test_bad_loss_files(tmp_path):
     save_file(bad, str(tmp_path / "s.safetensors"), metadata=meta)
     with pytest.raises(ExportFormatError, match="tensors"):
         metascale.load_loss(tmp_path / "s.safetensors")
+
+
+def test_cli_learn_loss_and_both_then_evaluate(tmp_path, capsys):
+    import json
+    import tomllib
+
+    from metascale.cli import main
+    from test_specs import dump_toml
+    data = tomllib.loads((SPECS / "digits.toml").read_text())
+    data["inner"]["steps"] = 3
+    data["meta"].update(steps=2, batch_size=2)
+    data["evaluate"].update(tasks=3, tune_tasks=2, points_per_decade=1)
+    spec = tmp_path / "d.toml"
+    spec.write_text(dump_toml(data))
+    assert main(["meta-train", "--spec", str(spec), "--out", str(tmp_path / "l"), "--learn", "loss", "--quiet"]) == 0
+    assert (tmp_path / "l" / "loss.safetensors").is_file() and not (tmp_path / "l" / "optimizer.safetensors").exists()
+    tuned = float(capsys.readouterr().out.split("(task loss): ")[1].split()[0])
+    assert main(["evaluate", str(tmp_path / "l" / "loss.safetensors"), "--spec", str(spec), "--quiet",
+                 "--json", str(tmp_path / "e.json")]) == 0
+    rows = json.loads((tmp_path / "e.json").read_text())["optimizers"]
+    assert rows["sgd+learned_loss"]["tuned_lr"] == rows["sgd"]["tuned_lr"] == pytest.approx(tuned, rel=1e-2)
+    assert 0 <= rows["sgd+learned_loss"]["median_final_accuracy"] <= 1  # digits: accuracy reported
+    assert main(["meta-train", "--spec", str(spec), "--out", str(tmp_path / "b"), "--learn", "both",
+                 "--loss", "adaptive_scale", "--quiet"]) == 0
+    b = tmp_path / "b"
+    assert main(["evaluate", str(b / "optimizer.safetensors"), "--loss", str(b / "loss.safetensors"),
+                 "--spec", str(spec), "--quiet"]) == 0
+    assert "learned+learned_loss" in capsys.readouterr().out
+    assert main(["evaluate", str(b / "loss.safetensors"), "--loss", str(b / "loss.safetensors"),
+                 "--spec", str(spec), "--quiet"]) == 2
+    assert "already a learned loss" in capsys.readouterr().err
