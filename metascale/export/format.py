@@ -82,6 +82,27 @@ def _json(meta: dict, key: str, path: Path) -> dict:
     return value
 
 
+def read_safetensors(path: Path, fmt: str | None = None, version: str | None = None) -> tuple[dict, dict]:
+    """``(metadata, tensors)`` of a safetensors file; :class:`ExportFormatError` if unreadable
+    or, when ``fmt``/``version`` are given, of another format or format version."""
+    if not path.is_file():
+        raise ExportFormatError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for corrupt input
+        raise ExportFormatError(f"{path}: not a readable safetensors file (truncated or corrupted?): "
+                                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if fmt is not None and meta.get("format") != fmt:
+        what = fmt.split(".")[-1]
+        raise ExportFormatError(f"{path}: not a metascale {what} file (format = {meta.get('format')!r})")
+    if version is not None and meta.get("format_version") != version:
+        raise ExportFormatError(f"{path}: file format version {meta.get('format_version')!r}; this metascale "
+                                f"reads version {version!r}")
+    return meta, tensors
+
+
 def read_optimizer(path: str | Path) -> ExportedOptimizer:
     """Read and validate an exported optimizer file.
 
@@ -89,20 +110,7 @@ def read_optimizer(path: str | Path) -> ExportedOptimizer:
         ExportFormatError: for anything but a well-formed file of this format version.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ExportFormatError(f"{path}: no such file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta_str = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises several types for corrupt input
-        raise ExportFormatError(f"{path}: not a readable safetensors file (truncated or corrupted?): "
-                                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    if meta_str.get("format") != FORMAT:
-        raise ExportFormatError(f"{path}: not a metascale optimizer file (format = {meta_str.get('format')!r})")
-    if meta_str.get("format_version") != FORMAT_VERSION:
-        raise ExportFormatError(f"{path}: file format version {meta_str.get('format_version')!r}; this metascale "
-                                f"reads version {FORMAT_VERSION!r}")
+    meta_str, tensors = read_safetensors(path, FORMAT, FORMAT_VERSION)
     missing = [k for k in _KEYS if k not in meta_str]
     extra = [k for k in meta_str if k not in _KEYS]
     if missing or extra:

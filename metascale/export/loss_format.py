@@ -14,12 +14,12 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import from_table, to_dict
 from ..errors import ExportFormatError, SpecError
 from ..losses import LossConfig, make_loss
+from .format import read_safetensors
 
 LOSS_FORMAT = "metascale.loss"
 LOSS_FORMAT_VERSION = "1"
@@ -49,22 +49,9 @@ def save_loss(path: str | Path, loss: torch.nn.Module, spec: dict, summary: dict
     return path
 
 
-def _read_header(path: Path) -> tuple[dict, dict]:
-    if not path.is_file():
-        raise ExportFormatError(f"{path}: no such file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises several types for corrupt input
-        raise ExportFormatError(f"{path}: not a readable safetensors file (truncated or corrupted?): "
-                                f"{type(e).__name__}") from None
-    return meta, tensors
-
-
 def file_format(path: str | Path) -> str:
     """``"metascale.optimizer"`` or ``"metascale.loss"`` (or whatever the file claims)."""
-    return _read_header(Path(path))[0].get("format", "")
+    return read_safetensors(Path(path))[0].get("format", "")
 
 
 def read_loss(path: str | Path) -> ExportedLoss:
@@ -74,12 +61,7 @@ def read_loss(path: str | Path) -> ExportedLoss:
         ExportFormatError: for anything but a well-formed loss file of this format version.
     """
     path = Path(path)
-    meta, tensors = _read_header(path)
-    if meta.get("format") != LOSS_FORMAT:
-        raise ExportFormatError(f"{path}: not a metascale loss file (format = {meta.get('format')!r})")
-    if meta.get("format_version") != LOSS_FORMAT_VERSION:
-        raise ExportFormatError(f"{path}: loss file format version {meta.get('format_version')!r}; this metascale "
-                                f"reads version {LOSS_FORMAT_VERSION!r}")
+    meta, tensors = read_safetensors(path, LOSS_FORMAT, LOSS_FORMAT_VERSION)
     if sorted(meta) != sorted(_KEYS):
         raise ExportFormatError(f"{path}: metadata keys {sorted(meta)}; expected {sorted(_KEYS)}")
     try:
