@@ -41,13 +41,17 @@ class MetaConfig:
     Attributes:
         batch_size: tasks per meta-step.
         steps: meta-steps.
-        lr: Adam step size on the (log-space) meta-parameters.
+        lr: Adam step size on the (log-space) meta-parameters of the optimizer.
+        loss_lr: Adam step size on the weights of a learned loss network (``--learn loss|both``);
+            network weights need a smaller step than log step sizes (at 0.03 the digits loss
+            drifted into a collapse, meta-loss 0.2 -> 2.2).
         clip: global-norm clip of the meta-gradient (0 disables).
     """
 
     batch_size: int = dataclasses.field(default=8, metadata=check("int", 1, 4096))
     steps: int = dataclasses.field(default=200, metadata=check("int", 0, 10_000_000))
     lr: float = dataclasses.field(default=0.03, metadata=check("float", 1e-8, 10.0))
+    loss_lr: float = dataclasses.field(default=1e-3, metadata=check("float", 1e-8, 10.0))
     clip: float = dataclasses.field(default=1.0, metadata=check("float", 0.0, 1e9))
 
 
@@ -121,12 +125,14 @@ class MetaTrainer:
         rule = spec.optimizer if learn_opt else LayerwiseConfig(init_lr=self.inner_lr, momentum=0.0, per_step=False)
         meta = init_meta(rule, spec.inner.steps, device=self.device)
         loss_fn = make_loss(sampler.task(0).kind, self.loss_config, seed=self.seed).to(self.device) if learn_loss else None
-        params = []
+        params, groups = [], []
         if learn_opt:
             params += [v.requires_grad_(True) for v in meta.values()]
+            groups.append({"params": list(meta.values()), "lr": cfg.lr})
         if learn_loss:
             params += list(loss_fn.parameters())
-        adam = torch.optim.Adam(params, lr=cfg.lr)
+            groups.append({"params": list(loss_fn.parameters()), "lr": cfg.loss_lr})
+        adam = torch.optim.Adam(groups)
         if metrics_path:
             Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
         out = open(metrics_path, "w") if metrics_path else None
