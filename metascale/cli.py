@@ -53,8 +53,11 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     from .meta import MetaTrainer
     from .spec import load_spec
     from .meta import resolve_device
+    from .meta.distributed import init_from_env, world
     spec = load_spec(args.spec)
     device = resolve_device(args.device)
+    init_from_env(device)  # under torchrun: each rank unrolls its share of every meta-batch
+    rank, size = world()
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise MetascaleError(f"--out {out}: exists and is not a folder")
@@ -71,6 +74,11 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
                           progress=not args.quiet, learn=args.learn, loss_config=LossConfig(kind=args.loss),
                           inner_lr=inner_lr)
     result = trainer.train(metrics_path=out / "metrics.jsonl")
+    if size > 1:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    if rank != 0:  # only rank 0 writes files and logs
+        return 0
     written = []
     if args.learn in ("optimizer", "both"):
         written.append(save_optimizer(out / "optimizer.safetensors", result.meta, spec.optimizer, spec.to_dict(),
@@ -79,6 +87,8 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
         from .export import save_loss
         written.append(save_loss(out / "loss.safetensors", result.loss, spec.to_dict(), result.summary))
     s = result.summary
+    if size > 1:
+        print(f"distributed over {size} processes (torch.distributed)")
     print(f"meta-trained {spec.name} for {s['meta_steps']} meta-steps in {s['wall_time_s']} s "
           f"(meta-loss {s['first_meta_loss']} -> {s['final_meta_loss_avg_last_10pct']}, "
           f"skipped tasks {s['skipped_tasks']})")

@@ -26,6 +26,7 @@ from ..config import check
 from ..inner.higher_engine import unroll
 from ..optim.groups import ROLES
 from ..losses import LossConfig, make_loss
+from .distributed import gather_in_task_order, my_tasks, world
 from ..optim.layerwise import LayerwiseConfig, init_meta
 
 LEARN = ("optimizer", "loss", "both")
@@ -119,6 +120,7 @@ class MetaTrainer:
         """Run the meta-training loop; write one JSON line per meta-step to ``metrics_path``."""
         spec, cfg = self.spec, self.spec.meta
         sampler = spec.sampler("train", self.seed)
+        rank, _ = world()
         learn_opt, learn_loss = self.learn in ("optimizer", "both"), self.learn in ("loss", "both")
         # learn='loss': the inner optimizer is plain SGD, i.e. the layer-wise rule at unit
         # meta-parameters without momentum (tests/test_optim.py proves the equality)
@@ -133,6 +135,10 @@ class MetaTrainer:
             params += list(loss_fn.parameters())
             groups.append({"params": list(loss_fn.parameters()), "lr": cfg.loss_lr})
         adam = torch.optim.Adam(groups)
+        sizes = [v.numel() for v in params]
+        n_flat = sum(sizes)
+        if rank != 0:  # only rank 0 writes files and logs
+            metrics_path, self.progress = None, False
         if metrics_path:
             Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
         out = open(metrics_path, "w") if metrics_path else None
@@ -143,22 +149,19 @@ class MetaTrainer:
                 adam.zero_grad(set_to_none=True)
                 grads = [torch.zeros_like(v) for v in params]
                 losses, n_ok = [], 0
-                for j in range(cfg.batch_size):
-                    task = sampler.task(step * cfg.batch_size + j)
-                    res = unroll(task, meta, rule, spec.inner.steps, objective=spec.inner.objective,
-                                 device=self.device, train_loss=loss_fn)
-                    if not torch.isfinite(res.meta_loss):
+                # rows [finite, meta-loss, flat meta-gradient] of this rank's tasks, then of all
+                # tasks in task order (distributed.py); reduced in that order on every rank
+                mine = [self._task_row(sampler.task(step * cfg.batch_size + j), meta, rule, loss_fn, params)
+                        for j in my_tasks(cfg.batch_size)]
+                rows = gather_in_task_order(torch.stack(mine) if mine else torch.zeros((0, 2 + n_flat)),
+                                            cfg.batch_size)
+                for row in rows:
+                    if row[0] == 0:
                         skipped += 1
                         continue
-                    g = torch.autograd.grad(res.meta_loss, params, allow_unused=True)
-                    # unused: e.g. a learned loss's output bias, a constant that moves no gradient
-                    g = [torch.zeros_like(v) if x is None else x for v, x in zip(params, g)]
-                    if not all(torch.isfinite(x).all() for x in g):
-                        skipped += 1
-                        continue
-                    for acc, x in zip(grads, g):
-                        acc.add_(x)
-                    losses.append(float(res.meta_loss.detach()))
+                    for acc, x in zip(grads, torch.split(row[2:], sizes)):
+                        acc.add_(x.view_as(acc))
+                    losses.append(float(row[1]))
                     n_ok += 1
                 gnorm = None
                 if n_ok:
@@ -189,3 +192,21 @@ class MetaTrainer:
             loss_fn = loss_fn.cpu().float().requires_grad_(False)
             summary["inner_lr"] = self.inner_lr
         return MetaResult(meta=final, summary=summary, rule=rule, loss=loss_fn)
+
+    def _task_row(self, task, meta, rule, loss_fn, params) -> torch.Tensor:
+        """``[finite, meta-loss, flat meta-gradient]`` of one task (float64 row; zeros when the
+        meta-loss or its gradient is not finite, so the task is skipped)."""
+        spec = self.spec
+        res = unroll(task, meta, rule, spec.inner.steps, objective=spec.inner.objective,
+                     device=self.device, train_loss=loss_fn)
+        n = sum(v.numel() for v in params)
+        bad = torch.zeros(2 + n, dtype=torch.float64, device=self.device)
+        if not torch.isfinite(res.meta_loss):
+            return bad
+        g = torch.autograd.grad(res.meta_loss, params, allow_unused=True)
+        # unused: e.g. a learned loss's output bias, a constant that moves no gradient
+        flat = torch.cat([(torch.zeros_like(v) if x is None else x).reshape(-1) for v, x in zip(params, g)])
+        if not torch.isfinite(flat).all():
+            return bad
+        head = torch.tensor([1.0, float(res.meta_loss.detach())], dtype=torch.float64, device=self.device)
+        return torch.cat([head, flat.double()])
