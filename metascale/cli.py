@@ -43,7 +43,8 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     width = max(len(str(f)) for f in files)
     for f in files:
         spec = load_spec(f)
-        print(f"{str(f):<{width}}  [{spec.family_name}, K={spec.inner.steps}]  {spec.description}")
+        k = f"K={spec.inner.steps}" + (f"x{spec.inner.windows}" if spec.inner.windows > 1 else "")
+        print(f"{str(f):<{width}}  [{spec.family_name}, {k}]  {spec.description}")
     return 0
 
 
@@ -55,6 +56,9 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     from .meta import resolve_device
     from .meta.distributed import init_from_env, world
     spec = load_spec(args.spec)
+    if args.engine:
+        import dataclasses
+        spec = dataclasses.replace(spec, inner=dataclasses.replace(spec.inner, engine=args.engine))
     device = resolve_device(args.device)
     init_from_env(device)  # under torchrun: each rank unrolls its share of every meta-batch
     rank, size = world()
@@ -67,7 +71,7 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     if args.learn == "loss":  # the loss trains under plain SGD at its step size tuned on the task loss
         from .evaluate import BASELINES, tune_lr, tuning_tasks
         # the same tasks, horizon and grid as `evaluate --seed S` uses for its SGD baseline
-        inner_lr, _ = tune_lr(BASELINES["sgd"], tuning_tasks(spec, args.seed), spec.evaluate.steps or spec.inner.steps,
+        inner_lr, _ = tune_lr(BASELINES["sgd"], tuning_tasks(spec, args.seed), spec.evaluate.steps or spec.inner.horizon,
                               spec.evaluate.grid(), device)
         print(f"inner SGD step size tuned on meta-train tasks (task loss): {inner_lr:.3g}")
     trainer = MetaTrainer(spec, seed=args.seed, device=device, meta_steps=args.meta_steps,
@@ -186,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--loss", default="ml3", choices=("ml3", "adaptive_scale"),
                    help="learned loss kind for --learn loss|both (default: ml3)")
     m.add_argument("--meta-steps", type=_nonneg, help="meta-steps (default: the spec's [meta] steps)")
+    m.add_argument("--engine", choices=("higher", "func"),
+                   help="differentiable inner loop: higher or torch.func (default: the spec's [inner] engine, "
+                        "else higher); [inner] windows > 1 always uses func")
     m.add_argument("--seed", type=_nonneg, default=0, help="seed of task draws and model inits (default 0)")
     m.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
     m.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -153,11 +153,11 @@ def evaluate(learned: dict[str, OptFactory], spec, *, n_tasks: int | None = None
     size") or a key of ``learned``. Every curve is the task's true validation loss."""
     cfg = spec.evaluate
     n = n_tasks or cfg.tasks
-    T = steps or cfg.steps or spec.inner.steps
+    T = steps or cfg.steps or spec.inner.horizon
     grid = cfg.grid()
     tune_tasks = tuning_tasks(spec, seed)
     test_tasks = spec.sampler("test", seed).tasks(n)
-    result = {"spec": spec.name, "tasks": n, "steps": T, "seed": seed, "meta_train_horizon": spec.inner.steps,
+    result = {"spec": spec.name, "tasks": n, "steps": T, "seed": seed, "meta_train_horizon": spec.inner.horizon,
               "lr_grid": grid, "optimizers": {}}
     tuned = {}
     losses = losses or {}

@@ -26,13 +26,33 @@ from ..tasks.base import Task
 OBJECTIVES = ("mean", "log_mean", "final", "log_final")
 
 
+ENGINES = ("higher", "func")
+
+
 @dataclasses.dataclass(frozen=True)
 class InnerConfig:
-    """The ``[inner]`` table: inner steps ``K``, minibatch size and the meta-objective."""
+    """The ``[inner]`` table.
+
+    Attributes:
+        steps: inner steps ``K`` per window (the whole unroll when ``windows = 1``).
+        batch_size: inner minibatch size.
+        objective: the meta-objective (:func:`meta_objective`), per window.
+        engine: ``"higher"`` (default) or ``"func"`` (``torch.func``); same rule, same numbers.
+        windows: ``N``: meta-train over an inner horizon of ``N * K`` steps by backpropagating
+            through windows of ``K`` steps, the inner state carried across windows and the graph
+            cut between them (truncated unrolls; uses the ``func`` engine, which carries state).
+    """
 
     steps: int = dataclasses.field(default=20, metadata=check("int", 1, 10_000))
     batch_size: int = dataclasses.field(default=10, metadata=check("int", 1, 1_000_000))
     objective: str = dataclasses.field(default="log_mean", metadata=check("str", choices=OBJECTIVES))
+    engine: str = dataclasses.field(default="higher", metadata=check("str", choices=ENGINES))
+    windows: int = dataclasses.field(default=1, metadata=check("int", 1, 1_000_000))
+
+    @property
+    def horizon(self) -> int:
+        """Inner steps per task in meta-training: ``windows * steps``."""
+        return self.windows * self.steps
 
 
 def meta_objective(val_losses: list[torch.Tensor], kind: str) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import check
+from ..inner.func_engine import unroll_func
 from ..inner.higher_engine import unroll
 from ..optim.groups import ROLES
 from ..losses import LossConfig, make_loss
@@ -125,7 +126,7 @@ class MetaTrainer:
         # learn='loss': the inner optimizer is plain SGD, i.e. the layer-wise rule at unit
         # meta-parameters without momentum (tests/test_optim.py proves the equality)
         rule = spec.optimizer if learn_opt else LayerwiseConfig(init_lr=self.inner_lr, momentum=0.0, per_step=False)
-        meta = init_meta(rule, spec.inner.steps, device=self.device)
+        meta = init_meta(rule, spec.inner.horizon, device=self.device)
         loss_fn = make_loss(sampler.task(0).kind, self.loss_config, seed=self.seed).to(self.device) if learn_loss else None
         params, groups = [], []
         if learn_opt:
@@ -196,17 +197,26 @@ class MetaTrainer:
     def _task_row(self, task, meta, rule, loss_fn, params) -> torch.Tensor:
         """``[finite, meta-loss, flat meta-gradient]`` of one task (float64 row; zeros when the
         meta-loss or its gradient is not finite, so the task is skipped)."""
-        spec = self.spec
-        res = unroll(task, meta, rule, spec.inner.steps, objective=spec.inner.objective,
-                     device=self.device, train_loss=loss_fn)
+        inner = self.spec.inner
         n = sum(v.numel() for v in params)
         bad = torch.zeros(2 + n, dtype=torch.float64, device=self.device)
-        if not torch.isfinite(res.meta_loss):
-            return bad
-        g = torch.autograd.grad(res.meta_loss, params, allow_unused=True)
-        # unused: e.g. a learned loss's output bias, a constant that moves no gradient
-        flat = torch.cat([(torch.zeros_like(v) if x is None else x).reshape(-1) for v, x in zip(params, g)])
-        if not torch.isfinite(flat).all():
-            return bad
-        head = torch.tensor([1.0, float(res.meta_loss.detach())], dtype=torch.float64, device=self.device)
-        return torch.cat([head, flat.double()])
+        flat, total, state = torch.zeros(n, dtype=torch.float64, device=self.device), 0.0, None
+        for _ in range(inner.windows):
+            if inner.engine == "higher" and inner.windows == 1:
+                res = unroll(task, meta, rule, inner.steps, objective=inner.objective, device=self.device,
+                             train_loss=loss_fn)
+            else:  # func engine; windows > 1 carry the inner state, detached: the truncation point
+                res = unroll_func(task, meta, rule, inner.steps, objective=inner.objective, device=self.device,
+                                  train_loss=loss_fn, state=state, total_steps=inner.horizon)
+                state = res.state.detach()
+            if not torch.isfinite(res.meta_loss):
+                return bad
+            g = torch.autograd.grad(res.meta_loss, params, allow_unused=True)
+            # unused: e.g. a learned loss's output bias, a constant that moves no gradient
+            g = torch.cat([(torch.zeros_like(v) if x is None else x).reshape(-1) for v, x in zip(params, g)])
+            if not torch.isfinite(g).all():
+                return bad
+            flat += g.double() / inner.windows
+            total += float(res.meta_loss.detach()) / inner.windows
+        head = torch.tensor([1.0, total], dtype=torch.float64, device=self.device)
+        return torch.cat([head, flat])
