@@ -91,8 +91,9 @@ def layerwise_update(params: list[torch.Tensor], grads: list[torch.Tensor | None
         return new_p, new_b
     mu = momentum
     if not inplace:
+        unit = not isinstance(scale, torch.Tensor) and scale == 1  # skip a multiply-by-one pass
         for i in live:
-            p, g, b = params[i], grads[i] * scale, bufs[i]
+            p, g, b = params[i], grads[i] if unit else grads[i] * scale, bufs[i]
             if mu != 0:
                 b = g if b is None else b * mu + g
                 d = g + b * mu if nesterov else b
@@ -272,10 +273,17 @@ higher.register_optim(LayerwiseOptimizer, DifferentiableLayerwise)
 
 def differentiable_override(optimizer: LayerwiseOptimizer, meta: dict[str, torch.Tensor]) -> dict:
     """The ``override`` dict for ``higher.innerloop_ctx``: per-group schedule tensors computed
-    from ``meta`` (which may require grad)."""
+    from ``meta`` (which may require grad).
+
+    Where only the product ``eta * s`` matters (no momentum, or a constant ``s``: the buffer of
+    one unroll is then ``s`` times that of step ``eta * s``), the product is passed as the step
+    size and the scale as the number 1, which saves a pass over the gradients and keeps autograd
+    from storing every inner gradient for ``d/ds``; the values are the same."""
     etas, scales = [], []
     for group in optimizer.param_groups:
         eta, scale = group_schedules(meta, GroupInfo(group["role"], group["layer"], group["num_layers"]))
+        if group["momentum"] == 0 or len(scale) == 1:
+            eta, scale = eta * scale, (1.0,)
         etas.append(eta)
         scales.append(scale)
     return {"step_sizes": etas, "scales": scales}
