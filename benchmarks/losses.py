@@ -26,7 +26,8 @@ from metascale.evaluate import BASELINES, evaluate, tune_lr, tuning_tasks
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_one(spec_path: Path, seed: int, n_tasks: int, loss_kind: str, meta_steps: int | None) -> dict:
+def run_one(spec_path: Path, seed: int, n_tasks: int, loss_kind: str, meta_steps: int | None,
+            loss_only: bool = False) -> dict:
     torch.set_num_threads(1)
     spec = metascale.load_spec(spec_path)
     t0 = time.time()
@@ -34,7 +35,16 @@ def run_one(spec_path: Path, seed: int, n_tasks: int, loss_kind: str, meta_steps
     sgd_lr, _ = tune_lr(BASELINES["sgd"], tuning_tasks(spec, seed), T, spec.evaluate.grid(), "cpu")
     cfg = metascale.losses.LossConfig(kind=loss_kind)
     kw = dict(seed=seed, device="cpu", progress=False, loss_config=cfg, meta_steps=meta_steps)
+    only_loss = loss_only
     loss_only = metascale.MetaTrainer(spec, learn="loss", inner_lr=sgd_lr, **kw).train()
+    if only_loss:  # just SGD on the learned loss against SGD on the task loss
+        out = evaluate({}, spec, n_tasks=n_tasks, seed=seed, device="cpu", progress=False,
+                       losses={"sgd+loss_alone": ("sgd", loss_only.loss)})
+        out.update(sgd_lr_for_loss=sgd_lr, skipped_tasks={"loss": loss_only.summary["skipped_tasks"]},
+                   wall_s=round(time.time() - t0, 1))
+        for row in out["optimizers"].values():
+            row.pop("median_curve"), row.pop("final_losses")
+        return out
     opt_only = metascale.MetaTrainer(spec, learn="optimizer", **kw).train()
     both = metascale.MetaTrainer(spec, learn="both", **kw).train()
     with tempfile.TemporaryDirectory() as d:
@@ -62,16 +72,18 @@ def main() -> None:
     ap.add_argument("--loss", default="ml3", choices=("ml3", "adaptive_scale"))
     ap.add_argument("--meta-steps", type=int, default=None)
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--loss-only", action="store_true", help="only SGD on the learned loss vs SGD on the task loss")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "losses.json"))
     args = ap.parse_args()
     from concurrent.futures import ProcessPoolExecutor
     jobs = [(Path(s), seed) for s in args.specs for seed in args.seeds]
     with ProcessPoolExecutor(args.jobs) as ex:
-        futs = {j: ex.submit(run_one, j[0], j[1], args.tasks, args.loss, args.meta_steps) for j in jobs}
+        futs = {j: ex.submit(run_one, j[0], j[1], args.tasks, args.loss, args.meta_steps, args.loss_only) for j in jobs}
         results = {f"{p.stem}/seed{s}": f.result() for (p, s), f in futs.items()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "torch": torch.__version__, "results": results}, indent=1))
-    names = ["sgd", "sgd+loss_alone", "optimizer_alone", "joint", "adam"]
+    names = ["sgd", "sgd+loss_alone", "adam"] if args.loss_only else ["sgd", "sgd+loss_alone", "optimizer_alone",
+                                                                       "joint", "adam"]
     print("| spec / seed | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
     for key, r in results.items():
