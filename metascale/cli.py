@@ -137,11 +137,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     """Describe an exported optimizer file."""
     import torch
 
-    from .optim.groups import ROLES
+    from .config import to_dict
     from .export import read_optimizer
+    from .optim.groups import ROLES
     exp = read_optimizer(args.file)
     print(f"{args.file}: metascale optimizer, rule {exp.rule}, format version 1")
-    print(f"config: {json.dumps(dataclass_dict(exp.config))}")
+    print(f"config: {json.dumps(to_dict(exp.config))}")
     print(f"meta-trained on: {exp.spec.get('name')} ({exp.spec.get('description', '')})")
     print(f"summary: {json.dumps(exp.summary)}")
     print("group mapping rule:")
@@ -158,12 +159,6 @@ def cmd_info(args: argparse.Namespace) -> int:
             show = ", ".join(f"{x:.3g}" for x in eff[:8]) + (", ..." if len(eff) > 8 else "")
             print(f"  {role:<6} depth {depth:.2f}: eta*s = [{show}]  (mean eta {eta.mean():.3g}, mean s {s.mean():.3g})")
     return 0
-
-
-def dataclass_dict(obj) -> dict:
-    """JSON-able dict of a config dataclass."""
-    from .config import to_dict
-    return to_dict(obj)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,7 +34,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..optim.groups import group_parameters
-from ..optim.layerwise import LayerwiseConfig, _at, group_schedules, layerwise_update
+from ..optim.layerwise import LayerwiseConfig, _at, folded_schedules, layerwise_update
 from ..tasks.base import Task
 from .higher_engine import UnrollResult, meta_objective
 
@@ -117,13 +117,11 @@ def unroll_func(task: Task, meta: dict[str, torch.Tensor], rule: LayerwiseConfig
     groups, unfold = [], []
     for info, ps in group_parameters(model.parameters()):
         idx = [where[id(p)] for p in ps]
-        eta, scale = group_schedules(meta, info)
-        if rule.momentum == 0 or len(scale) == 1:  # only eta * s matters: fold (module doc)
-            eta, s, scale = eta * scale, scale[0], (1.0,)
-            if rule.momentum != 0:  # carried buffers b = s b': run on b' = b / s
-                unfold.append((idx, s))
-                for i in idx:
-                    bufs[i] = None if bufs[i] is None else bufs[i] / s
+        eta, scale, s = folded_schedules(meta, info, rule.momentum)
+        if s is not None and rule.momentum != 0:  # carried buffers b = s b': run on b' = b / s
+            unfold.append((idx, s))
+            for i in idx:
+                bufs[i] = None if bufs[i] is None else bufs[i] / s
         groups.append((idx, eta, scale))
     total = steps if total_steps is None else total_steps
 

@@ -281,9 +281,21 @@ def differentiable_override(optimizer: LayerwiseOptimizer, meta: dict[str, torch
     from storing every inner gradient for ``d/ds``; the values are the same."""
     etas, scales = [], []
     for group in optimizer.param_groups:
-        eta, scale = group_schedules(meta, GroupInfo(group["role"], group["layer"], group["num_layers"]))
-        if group["momentum"] == 0 or len(scale) == 1:
-            eta, scale = eta * scale, (1.0,)
+        info = GroupInfo(group["role"], group["layer"], group["num_layers"])
+        eta, scale, _ = folded_schedules(meta, info, group["momentum"])
         etas.append(eta)
         scales.append(scale)
     return {"step_sizes": etas, "scales": scales}
+
+
+def folded_schedules(meta: dict[str, torch.Tensor], info: GroupInfo, momentum: float):
+    """:func:`group_schedules` for a differentiable unroll, with ``eta * s`` folded into the
+    step size where only the product matters (``momentum == 0`` or a constant ``s``).
+
+    Returns ``(step_sizes, scales, s)``: folded, ``scales`` is ``(1.0,)`` and ``s`` the folded
+    constant (a momentum buffer ``b`` of the unfolded rule is ``s`` times the folded one);
+    otherwise ``s`` is ``None``."""
+    eta, scale = group_schedules(meta, info)
+    if momentum == 0 or len(scale) == 1:
+        return eta * scale, (1.0,), scale[0]
+    return eta, scale, None
