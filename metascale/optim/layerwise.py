@@ -192,7 +192,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     global multiplier (default 1) so ``torch.optim.lr_scheduler`` works on top. Past the
     learned horizon the last step's values are held.
 
-    State: ``momentum_buffer`` per parameter when ``momentum > 0`` and a step count.
+    State: ``momentum_buffer`` per parameter when ``momentum > 0`` and a step count. After
+    each step every group holds the step size and rescaling factor it used in
+    ``group["last_step_size"]`` and ``group["last_scale"]`` (floats; for reports and logging).
     """
 
     def __init__(self, params: Iterable[torch.Tensor], meta: dict[str, torch.Tensor], *,
@@ -231,10 +233,12 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             foreach = group["foreach"]
             if foreach is None:
                 foreach = len(params) > 1
+            eta, s_t = group["lr"] * _at(group["step_sizes"], t), _at(group["scales"], t)
             _, bufs = layerwise_update(
                 params, [p.grad for p in params], [s.get("momentum_buffer") for s in states],
-                step_size=group["lr"] * _at(group["step_sizes"], t), scale=_at(group["scales"], t),
-                momentum=group["momentum"], nesterov=group["nesterov"], inplace=True, foreach=foreach)
+                step_size=eta, scale=s_t, momentum=group["momentum"], nesterov=group["nesterov"],
+                inplace=True, foreach=foreach)
+            group["last_step_size"], group["last_scale"] = eta, s_t  # what the step used (reports)
             for s, b in zip(states, bufs):
                 s["step"] = t + 1
                 if b is not None:
