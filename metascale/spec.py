@@ -6,7 +6,8 @@ A spec has these tables (every key optional except ``family.name``)::
     [family]     name = "sine", then the family's own ranges (see its config dataclass)
     [inner]      steps (K), batch_size, objective, engine, windows -> InnerConfig
     [meta]       batch_size, steps, lr, loss_lr, clip      -> MetaConfig
-    [optimizer]  init_lr, momentum, nesterov, per_step, depth_bins -> LayerwiseConfig
+    [optimizer]  init_lr, momentum, nesterov, per_step, depth_bins -> LayerwiseConfig (--rule layerwise)
+    [adaptive]   init_lr, momentum, nesterov, hidden, beta, bound  -> AdaptiveConfig (--rule adaptive[-momentum])
     [evaluate]   tasks, steps, tune_tasks, lr_min, lr_max, points_per_decade -> EvaluateConfig
 
 Unknown keys and out-of-range values raise :class:`~metascale.errors.SpecError` naming the
@@ -24,11 +25,12 @@ from .errors import SpecError
 from .evaluate import EvaluateConfig
 from .inner.higher_engine import InnerConfig
 from .meta.trainer import MetaConfig
+from .optim.adaptive import AdaptiveConfig
 from .optim.layerwise import LayerwiseConfig
 from .tasks import FAMILIES
 from .tasks.base import TaskSampler
 
-TABLES = ("description", "family", "inner", "meta", "optimizer", "evaluate")
+TABLES = ("description", "family", "inner", "meta", "optimizer", "adaptive", "evaluate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +46,7 @@ class Spec:
     optimizer: LayerwiseConfig
     evaluate: EvaluateConfig
     path: str | None = None
+    adaptive: AdaptiveConfig = AdaptiveConfig()
 
     def make_family(self):
         """A family instance built from the ``[family]`` table."""
@@ -58,7 +61,8 @@ class Spec:
         return {"name": self.name, "description": self.description,
                 "family": {"name": self.family_name, **to_dict(self.family)},
                 "inner": to_dict(self.inner), "meta": to_dict(self.meta),
-                "optimizer": to_dict(self.optimizer), "evaluate": to_dict(self.evaluate)}
+                "optimizer": to_dict(self.optimizer), "adaptive": to_dict(self.adaptive),
+                "evaluate": to_dict(self.evaluate)}
 
 
 def spec_from_dict(data: dict, name: str, where: str, path: str | None = None) -> Spec:
@@ -86,6 +90,7 @@ def spec_from_dict(data: dict, name: str, where: str, path: str | None = None) -
                 meta=from_table(MetaConfig, data.get("meta"), f"{where} [meta]"),
                 optimizer=from_table(LayerwiseConfig, data.get("optimizer"), f"{where} [optimizer]"),
                 evaluate=from_table(EvaluateConfig, data.get("evaluate"), f"{where} [evaluate]"),
+                adaptive=from_table(AdaptiveConfig, data.get("adaptive"), f"{where} [adaptive]"),
                 path=path)
 
 

@@ -1,14 +1,16 @@
 """The exported optimizer file: one ``.safetensors`` file, no pickle.
 
-Tensors: the rule's meta-parameters, unconstrained (``log_step_size`` and ``log_scale`` of
-shape ``(roles, depth_bins, S)`` for the layer-wise rule). Metadata (string -> string, JSON
-values):
+Tensors: the rule's meta-parameters, unconstrained: ``log_step_size`` and ``log_scale`` of
+shape ``(roles, depth_bins, S)`` for the layer-wise rule; the shared network's ``w1``, ``b1``,
+``w2``, ``b2``, ``wl`` (:func:`~metascale.optim.adaptive.net_shapes`) for the adaptive rule.
+Metadata (string -> string, JSON values):
 
 =================  ==========================================================
 ``format``         ``"metascale.optimizer"``
 ``format_version`` ``"1"``
-``rule``           ``"layerwise"``
-``rule_config``    the rule's config (:class:`~metascale.optim.LayerwiseConfig`)
+``rule``           ``"layerwise"`` or ``"adaptive"`` (both variants; ``momentum`` tells them apart)
+``rule_config``    the rule's config (:class:`~metascale.optim.LayerwiseConfig` or
+                   :class:`~metascale.optim.AdaptiveConfig`)
 ``group_mapping``  the role/depth mapping rule (:data:`~metascale.optim.MAPPING_RULE`)
 ``spec``           the task-distribution spec it was meta-trained on
 ``summary``        a meta-training summary (steps, seed, losses, wall time)
@@ -34,11 +36,15 @@ from safetensors.torch import save_file
 from ..config import from_table, to_dict
 from ..errors import ExportFormatError, SpecError
 from ..optim.groups import MAPPING_RULE, ROLES
-from ..optim.layerwise import META_NAMES, LayerwiseConfig, LayerwiseOptimizer
+from ..optim.adaptive import NET_NAMES, AdaptiveConfig, net_shapes
+from ..optim.layerwise import META_NAMES, LayerwiseConfig
+from ..optim.rules import RuleConfig, frozen_optimizer
 
 FORMAT = "metascale.optimizer"
 FORMAT_VERSION = "1"
-RULES = ("layerwise",)
+RULES = ("layerwise", "adaptive")
+_CONFIGS = {"layerwise": LayerwiseConfig, "adaptive": AdaptiveConfig}
+_TENSORS = {"layerwise": META_NAMES, "adaptive": NET_NAMES}
 _KEYS = ("format", "format_version", "rule", "rule_config", "group_mapping", "spec", "summary")
 
 
@@ -48,23 +54,29 @@ class ExportedOptimizer:
 
     meta: dict[str, torch.Tensor]
     rule: str
-    config: LayerwiseConfig
+    config: RuleConfig
     spec: dict
     summary: dict
     group_mapping: dict
 
     @property
     def horizon(self) -> int:
-        """Length ``S`` of the learned schedules (1 when not per step)."""
+        """Length ``S`` of the learned schedules (1 when not per step); for the adaptive rule,
+        the inner horizon it was meta-trained on (its default ``total_steps``)."""
+        if self.rule == "adaptive":
+            inner = self.spec.get("inner", {})
+            return int(inner.get("steps", 20)) * int(inner.get("windows", 1))
         return int(self.meta["log_step_size"].shape[-1])
 
 
-def save_optimizer(path: str | Path, meta: dict[str, torch.Tensor], config: LayerwiseConfig,
-                   spec: dict, summary: dict, rule: str = "layerwise") -> Path:
-    """Write meta-parameters and metadata to ``path`` (parent folders are created)."""
+def save_optimizer(path: str | Path, meta: dict[str, torch.Tensor], config: RuleConfig,
+                   spec: dict, summary: dict) -> Path:
+    """Write meta-parameters and metadata to ``path`` (parent folders are created); the rule
+    follows from the type of ``config``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: meta[k].detach().cpu().float().contiguous() for k in META_NAMES}
+    rule = "adaptive" if isinstance(config, AdaptiveConfig) else "layerwise"
+    tensors = {k: meta[k].detach().cpu().float().contiguous() for k in _TENSORS[rule]}
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "rule": rule,
                 "rule_config": json.dumps(to_dict(config)), "group_mapping": json.dumps(MAPPING_RULE),
                 "spec": json.dumps(spec), "summary": json.dumps(summary)}
@@ -103,6 +115,20 @@ def read_safetensors(path: Path, fmt: str | None = None, version: str | None = N
     return meta, tensors
 
 
+
+def _check_layerwise(path: Path, tensors: dict[str, torch.Tensor], config: LayerwiseConfig) -> None:
+    """Shapes and finite step sizes of the layer-wise rule's schedules."""
+    shape = tensors["log_step_size"].shape
+    for k, t in tensors.items():
+        if t.dim() != 3 or t.shape != shape or t.shape[0] != len(ROLES) or t.shape[1] != config.depth_bins \
+                or t.shape[2] < 1 or (not config.per_step and t.shape[2] != 1):
+            raise ExportFormatError(f"{path}: tensor {k!r} has shape {tuple(t.shape)}; expected "
+                                    f"({len(ROLES)}, {config.depth_bins}, S) with S >= 1 (S = 1 unless per_step), "
+                                    "the same for all tensors")
+    if not all(math.isfinite(x) for x in torch.exp(tensors["log_step_size"]).flatten().tolist()):
+        raise ExportFormatError(f"{path}: step sizes overflow")
+
+
 def read_optimizer(path: str | Path) -> ExportedOptimizer:
     """Read and validate an exported optimizer file.
 
@@ -120,7 +146,7 @@ def read_optimizer(path: str | Path) -> ExportedOptimizer:
     if rule not in RULES:
         raise ExportFormatError(f"{path}: unknown rule {rule!r}; this metascale knows {', '.join(RULES)}")
     try:
-        config = from_table(LayerwiseConfig, _json(meta_str, "rule_config", path), "rule_config")
+        config = from_table(_CONFIGS[rule], _json(meta_str, "rule_config", path), "rule_config")
     except SpecError as e:
         raise ExportFormatError(f"{path}: invalid {e}") from None
     spec, summary, mapping = (_json(meta_str, k, path) for k in ("spec", "summary", "group_mapping"))
@@ -131,29 +157,31 @@ def read_optimizer(path: str | Path) -> ExportedOptimizer:
         raise ExportFormatError(f"invalid {e}") from None
     if mapping != MAPPING_RULE:
         raise ExportFormatError(f"{path}: group mapping rule differs from this metascale's (file tampered with?)")
-    if set(tensors) != set(META_NAMES):
-        raise ExportFormatError(f"{path}: tensors {sorted(tensors)}; expected exactly {list(META_NAMES)}")
-    shape = tensors["log_step_size"].shape
+    names = _TENSORS[rule]
+    if set(tensors) != set(names):
+        raise ExportFormatError(f"{path}: tensors {sorted(tensors)}; expected exactly {list(names)}")
     for k, t in tensors.items():
         if t.dtype != torch.float32:
             raise ExportFormatError(f"{path}: tensor {k!r} has dtype {t.dtype}; expected float32")
-        if t.dim() != 3 or t.shape != shape or t.shape[0] != len(ROLES) or t.shape[1] != config.depth_bins \
-                or t.shape[2] < 1 or (not config.per_step and t.shape[2] != 1):
-            raise ExportFormatError(f"{path}: tensor {k!r} has shape {tuple(t.shape)}; expected "
-                                    f"({len(ROLES)}, {config.depth_bins}, S) with S >= 1 (S = 1 unless per_step), "
-                                    "the same for all tensors")
         if not torch.isfinite(t).all():
             raise ExportFormatError(f"{path}: tensor {k!r} holds non-finite values")
-    if not all(math.isfinite(x) for x in torch.exp(tensors["log_step_size"]).flatten().tolist()):
-        raise ExportFormatError(f"{path}: step sizes overflow")
+    if rule == "adaptive":
+        for k, want in net_shapes(config).items():
+            if tuple(tensors[k].shape) != want:
+                raise ExportFormatError(f"{path}: tensor {k!r} has shape {tuple(tensors[k].shape)}; expected {want} "
+                                        f"(hidden = {config.hidden})")
+    else:
+        _check_layerwise(path, tensors, config)
     return ExportedOptimizer(meta=tensors, rule=rule, config=config, spec=spec, summary=summary,
                              group_mapping=mapping)
 
 
 def load_optimizer(path: str | Path, params: Iterable[torch.Tensor], *, lr: float = 1.0,
-                   foreach: bool | None = None) -> LayerwiseOptimizer:
+                   foreach: bool | None = None, total_steps: int | None = None) -> torch.optim.Optimizer:
     """Load an exported optimizer for ``params`` (any model: groups are matched by role and
     relative depth). ``lr`` multiplies every learned step size (for LR schedulers).
+    ``total_steps`` is your training budget ``T`` for the adaptive rule (its fraction-done
+    feature; default: the meta-training horizon); the layer-wise rule ignores it.
 
     Example::
 
@@ -162,5 +190,7 @@ def load_optimizer(path: str | Path, params: Iterable[torch.Tensor], *, lr: floa
             opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
     """
     exp = read_optimizer(path)
-    return LayerwiseOptimizer(params, exp.meta, momentum=exp.config.momentum, nesterov=exp.config.nesterov,
-                              lr=lr, foreach=foreach)
+    if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 1):
+        raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
+    return frozen_optimizer(params, exp.meta, exp.config, total_steps=total_steps or exp.horizon, lr=lr,
+                            foreach=foreach)

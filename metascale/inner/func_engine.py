@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..optim.adaptive import AdaptiveConfig, AdaptiveStats, adaptive_step
 from ..optim.groups import group_parameters
 from ..optim.layerwise import LayerwiseConfig, _at, folded_schedules, layerwise_update
 from ..tasks.base import Task
@@ -47,16 +48,19 @@ class InnerState:
         params: fast weights, in ``model.parameters()`` order.
         bufs: momentum buffers, same order (``None``: not created yet).
         step: inner steps taken so far (indexes the schedules and the minibatches).
+        stats: the adaptive rule's per-group running statistics (``None`` for the static rule).
     """
 
     params: list[torch.Tensor]
     bufs: list[torch.Tensor | None]
     step: int = 0
+    stats: AdaptiveStats | None = None
 
     def detach(self) -> "InnerState":
         """A copy whose tensors are cut from the graph (the truncation point of a window)."""
         return InnerState([p.detach() for p in self.params],
-                          [None if b is None else b.detach() for b in self.bufs], self.step)
+                          [None if b is None else b.detach() for b in self.bufs], self.step,
+                          None if self.stats is None else self.stats.detach())
 
 
 @dataclasses.dataclass
@@ -75,7 +79,7 @@ def init_state(task: Task, device: torch.device | str | None = None,
     return model, InnerState(params, [None] * len(params), 0)
 
 
-def unroll_func(task: Task, meta: dict[str, torch.Tensor], rule: LayerwiseConfig, steps: int, *,
+def unroll_func(task: Task, meta: dict[str, torch.Tensor], rule: LayerwiseConfig | AdaptiveConfig, steps: int, *,
                 objective: str = "log_mean", device: torch.device | str | None = None,
                 dtype: torch.dtype | None = None, create_graph: bool = True,
                 train_loss: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None,
@@ -104,7 +108,7 @@ def unroll_func(task: Task, meta: dict[str, torch.Tensor], rule: LayerwiseConfig
             unchanged; the meta-gradient is the first-order one, no second-order graph).
         Other arguments: as in :func:`~metascale.inner.higher_engine.unroll`.
     """
-    dtype = dtype or meta["log_step_size"].dtype
+    dtype = dtype or next(iter(meta.values())).dtype
     task = task.to(device=device, dtype=dtype)
     if state is None:
         built, state = init_state(task, device, dtype)
@@ -114,8 +118,14 @@ def unroll_func(task: Task, meta: dict[str, torch.Tensor], rule: LayerwiseConfig
     names = [n for n, _ in model.named_parameters()]
     where = {id(p): i for i, p in enumerate(model.parameters())}
     params, bufs = list(state.params), list(state.bufs)
-    groups, unfold = [], []
+    adaptive = isinstance(rule, AdaptiveConfig)
+    stats = (state.stats or AdaptiveStats()) if adaptive else None
+    groups, unfold, infos = [], [], []
     for info, ps in group_parameters(model.parameters()):
+        if adaptive:
+            infos.append(info)
+            groups.append([where[id(p)] for p in ps])
+            continue
         idx = [where[id(p)] for p in ps]
         eta, scale, s = folded_schedules(meta, info, rule.momentum)
         if s is not None and rule.momentum != 0:  # carried buffers b = s b': run on b' = b / s
@@ -138,7 +148,15 @@ def unroll_func(task: Task, meta: dict[str, torch.Tensor], rule: LayerwiseConfig
             pred = forward(params, x)
             loss = task.loss(pred, y) if train_loss is None else train_loss(pred, y, t / total)
             grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
-        for idx, eta, scale in groups:
+        if adaptive:
+            new_p, new_b, stats, _, _ = adaptive_step(
+                meta, rule, infos, [[params[i] for i in idx] for idx in groups],
+                [[grads[i] for i in idx] for idx in groups], [[bufs[i] for i in idx] for idx in groups],
+                stats, t, total)
+            for idx, gp, gb in zip(groups, new_p, new_b):
+                for i, p, b in zip(idx, gp, gb):
+                    params[i], bufs[i] = p, b
+        for idx, eta, scale in ([] if adaptive else groups):
             new_p, new_b = layerwise_update(
                 [params[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx],
                 step_size=_at(eta, t), scale=_at(scale, t), momentum=rule.momentum,
@@ -153,4 +171,4 @@ def unroll_func(task: Task, meta: dict[str, torch.Tensor], rule: LayerwiseConfig
         for i in idx:
             bufs[i] = None if bufs[i] is None else bufs[i] * s
     return FuncUnrollResult(meta_loss=meta_objective(val_losses, objective), val_losses=trace,
-                            state=InnerState(params, bufs, state.step + steps))
+                            state=InnerState(params, bufs, state.step + steps, stats))

@@ -20,6 +20,8 @@ import higher
 import torch
 
 from ..config import check
+from ..optim.adaptive import AdaptiveConfig, AdaptiveOptimizer
+from ..optim.adaptive import differentiable_override as adaptive_override
 from ..optim.layerwise import LayerwiseConfig, LayerwiseOptimizer, differentiable_override
 from ..tasks.base import Task
 
@@ -80,7 +82,7 @@ class UnrollResult:
     val_losses: list[float]
 
 
-def unroll(task: Task, meta: dict[str, torch.Tensor], rule: LayerwiseConfig, steps: int, *,
+def unroll(task: Task, meta: dict[str, torch.Tensor], rule: LayerwiseConfig | AdaptiveConfig, steps: int, *,
            objective: str = "log_mean", device: torch.device | str | None = None,
            dtype: torch.dtype | None = None, track_higher_grads: bool = True,
            train_loss: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None) -> UnrollResult:
@@ -88,8 +90,10 @@ def unroll(task: Task, meta: dict[str, torch.Tensor], rule: LayerwiseConfig, ste
 
     Args:
         task: the inner problem; its model is built and seeded by ``task.make_model``.
-        meta: meta-parameters (tensors that may require grad) of the layer-wise rule.
-        rule: the rule's config (momentum, nesterov).
+        meta: meta-parameters (tensors that may require grad) of the rule.
+        rule: the rule's config: :class:`~metascale.optim.LayerwiseConfig` (momentum, nesterov)
+            or :class:`~metascale.optim.AdaptiveConfig` (its ``fraction_done`` feature runs over
+            ``steps``).
         steps: inner steps ``K``.
         objective: see :func:`meta_objective`.
         track_higher_grads: ``False`` evaluates without building the second-order graph
@@ -98,11 +102,15 @@ def unroll(task: Task, meta: dict[str, torch.Tensor], rule: LayerwiseConfig, ste
             training steps instead of the task's loss. The meta-loss always uses the task's
             true loss on validation data.
     """
-    dtype = dtype or meta["log_step_size"].dtype
+    dtype = dtype or next(iter(meta.values())).dtype
     task = task.to(device=device, dtype=dtype)
     model = task.make_model(device=device, dtype=dtype)
-    opt = LayerwiseOptimizer(model.parameters(), meta, momentum=rule.momentum, nesterov=rule.nesterov)
-    override = differentiable_override(opt, meta)
+    if isinstance(rule, AdaptiveConfig):
+        opt = AdaptiveOptimizer(model.parameters(), meta, rule, total_steps=steps)
+        override = adaptive_override(meta, rule)
+    else:
+        opt = LayerwiseOptimizer(model.parameters(), meta, momentum=rule.momentum, nesterov=rule.nesterov)
+        override = differentiable_override(opt, meta)
     val_losses, trace = [], []
     with higher.innerloop_ctx(model, opt, override=override, copy_initial_weights=True,
                               track_higher_grads=track_higher_grads) as (fmodel, diffopt):

@@ -1,0 +1,281 @@
+"""The adaptive layer-wise rule: SGD at init, frozen = higher = torch.func, gradcheck, state
+size, state_dict resumption, export and the command line."""
+from __future__ import annotations
+
+import copy
+import json
+
+import higher
+import pytest
+import torch
+from torch import nn
+
+import metascale
+from metascale.cli import main
+from metascale.errors import ExportFormatError
+from metascale.export import read_optimizer, save_optimizer
+from metascale.inner.func_engine import unroll_func
+from metascale.inner.higher_engine import unroll
+from metascale.optim import AdaptiveConfig, AdaptiveOptimizer, adaptive_factors, adaptive_features
+from metascale.optim.adaptive import NET_NAMES, differentiable_override, init_net, net_shapes
+from metascale.optim.rules import frozen_optimizer, init_rule_meta, rule_config
+from metascale.spec import load_spec
+from metascale.tasks import SineConfig, SineFamily, TaskSampler
+
+from test_optim import data, make_model, run
+
+F64 = torch.float64
+SINE = "tasks/sine.toml"
+VARIANTS = [AdaptiveConfig(init_lr=0.05, momentum=0.0), AdaptiveConfig(init_lr=0.05, momentum=0.9),
+            AdaptiveConfig(init_lr=0.05, momentum=0.9, nesterov=True)]
+IDS = ["state-free", "momentum", "nesterov"]
+
+
+def random_net(cfg: AdaptiveConfig, seed: int = 0, spread: float = 0.3, grad: bool = False) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    net = {k: v + spread * torch.randn(v.shape, generator=g, dtype=F64)
+           for k, v in init_net(cfg, seed, dtype=F64).items()}
+    return {k: v.requires_grad_(grad) for k, v in net.items()}
+
+
+def small_task(index: int = 0):
+    fam = SineFamily(SineConfig(hidden=(6, 5), n_train=8, n_val=16))
+    return TaskSampler(fam, "train", seed=5, batch_size=4).task(index)
+
+
+@pytest.mark.parametrize("cfg", VARIANTS, ids=IDS)
+def test_untrained_rule_is_sgd(cfg):
+    m1, m2 = make_model(), make_model()
+    x, y = data()
+    run(m1, AdaptiveOptimizer(m1.parameters(), init_net(cfg, dtype=F64), cfg, total_steps=100), 100, x, y)
+    run(m2, torch.optim.SGD(m2.parameters(), lr=cfg.init_lr, momentum=cfg.momentum, nesterov=cfg.nesterov), 100, x, y)
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        # bitwise except Nesterov, whose two adds round differently from torch's fused form
+        assert torch.equal(a, b) if not cfg.nesterov else torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_factors_match_the_formula():
+    cfg = AdaptiveConfig(init_lr=0.1, hidden=3, bound=2.0)
+    net = random_net(cfg, spread=1.0)
+    g, p, v, g0 = (torch.tensor([0.5, 2.0], dtype=F64), torch.tensor([1.0, 0.1], dtype=F64),
+                   torch.tensor([0.4, 3.0], dtype=F64), torch.tensor([1.0, 1.0], dtype=F64))
+    roles, depths = torch.tensor([1.0, -1.0], dtype=F64), torch.tensor([0.0, 1.0], dtype=F64)
+    x = adaptive_features(g, p, v, g0, 0.25, roles, depths)
+    lr = lambda m: 0.5 * torch.log(m + 1e-16)
+    assert torch.allclose(x[:, 0], lr(g)) and torch.allclose(x[:, 2], lr(g) - lr(v))
+    assert torch.allclose(x[:, 3], lr(v) - lr(g0)) and torch.all(x[:, 4] == 0.25)
+    eta, s = adaptive_factors(net, x, cfg)
+    for i in range(2):
+        r = net["wl"] @ x[i] + net["w2"] @ torch.tanh(net["w1"] @ x[i] + net["b1"]) + net["b2"]
+        assert eta[i].item() == pytest.approx(0.1 * torch.exp(2 * torch.tanh(r[0] / 2)).item(), rel=1e-12)
+        assert s[i].item() == pytest.approx(torch.exp(2 * torch.tanh(r[1] / 2)).item(), rel=1e-12)
+    assert (torch.log(eta / 0.1).abs() <= 2).all() and (torch.log(s).abs() <= 2).all()
+
+
+@pytest.mark.parametrize("cfg", VARIANTS, ids=IDS)
+def test_frozen_equals_higher_twin(cfg):
+    net = random_net(cfg)
+    x, y = data()
+    m1, m2 = make_model(), make_model()
+    o1 = AdaptiveOptimizer(m1.parameters(), net, cfg, total_steps=12)
+    o2 = AdaptiveOptimizer(m2.parameters(), net, cfg, total_steps=12)
+    with higher.innerloop_ctx(m2, o2, override=differentiable_override(net, cfg), copy_initial_weights=True) as (f, d):
+        for t in range(12):
+            idx = torch.arange(t % 4, x.shape[0], 4)
+            o1.zero_grad()
+            nn.functional.mse_loss(m1(x[idx]), y[idx]).backward()
+            o1.step()
+            d.step(nn.functional.mse_loss(f(x[idx]), y[idx]))
+            for g1, g2 in zip(o1.param_groups, d.param_groups):
+                assert g1["last_step_size"] == pytest.approx(float(g2["last_step_size"]), rel=1e-12)
+                assert g1["last_scale"] == pytest.approx(float(g2["last_scale"]), rel=1e-12)
+        for a, b in zip(m1.parameters(), f.parameters()):
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+    # the network really moves the factors away from SGD's
+    assert len({round(g["last_step_size"], 12) for g in o1.param_groups}) > 1
+
+
+@pytest.mark.parametrize("cfg", VARIANTS[:2], ids=IDS[:2])
+def test_engines_agree(cfg):
+    task = small_task()
+    net = random_net(cfg, grad=True)
+    a = unroll(task, net, cfg, 6)
+    b = unroll_func(task, net, cfg, 6)
+    assert b.meta_loss.item() == pytest.approx(a.meta_loss.item(), rel=1e-12)
+    ga = torch.autograd.grad(a.meta_loss, list(net.values()))
+    gb = torch.autograd.grad(b.meta_loss, list(net.values()))
+    for x, y in zip(ga, gb):
+        assert torch.allclose(x, y, rtol=1e-10, atol=1e-13)
+    assert sum(float(x.abs().sum()) for x in ga) > 0
+
+
+@pytest.mark.parametrize("cfg", VARIANTS[:2], ids=IDS[:2])
+def test_windows_compose_into_one_unroll(cfg):
+    task = small_task(1)
+    net = random_net(cfg, seed=2, grad=True)
+    full = unroll_func(task, net, cfg, 6, objective="final")
+    w1 = unroll_func(task, net, cfg, 3, objective="final", total_steps=6)
+    w2 = unroll_func(task, net, cfg, 3, objective="final", state=w1.state, total_steps=6)
+    assert w2.meta_loss.item() == pytest.approx(full.meta_loss.item(), rel=1e-12)
+    g1 = torch.autograd.grad(full.meta_loss, list(net.values()))
+    g2 = torch.autograd.grad(w2.meta_loss, list(net.values()))
+    for x, y in zip(g1, g2):
+        assert torch.allclose(x, y, rtol=1e-10, atol=1e-13)
+    cut = unroll_func(task, net, cfg, 3, objective="final", state=w1.state.detach(), total_steps=6)
+    assert cut.meta_loss.item() == pytest.approx(full.meta_loss.item(), rel=1e-12)
+    assert cut.state.stats.v.grad_fn is not None  # stats carry a graph inside the window
+
+
+@pytest.mark.parametrize("cfg", VARIANTS[:2], ids=IDS[:2])
+def test_meta_gradient_gradcheck(cfg):
+    cfg = AdaptiveConfig(init_lr=0.05, momentum=cfg.momentum, hidden=2)
+    task = small_task(2)
+    base = random_net(cfg, seed=3)
+
+    def f(*tensors):
+        net = dict(zip(NET_NAMES, tensors))
+        return unroll(task, net, cfg, 3, objective="log_mean").meta_loss
+
+    inputs = tuple(base[k].clone().requires_grad_() for k in NET_NAMES)
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_state_free_variant_keeps_only_scalars():
+    cfg = VARIANTS[0]
+    m = make_model(sizes=(3, 64, 64, 2))
+    x, y = torch.randn(32, 3, dtype=F64), torch.randn(32, 2, dtype=F64)
+    opt = AdaptiveOptimizer(m.parameters(), random_net(cfg), cfg, total_steps=5)
+    run(m, opt, 5, x, y)
+    state_numbers = sum(v.numel() if torch.is_tensor(v) else 1 for st in opt.state.values() for v in st.values())
+    groups = len(opt.param_groups)
+    assert state_numbers == 3 * groups  # step, running mean square, first mean square
+    momentum = AdaptiveOptimizer(m.parameters(), random_net(VARIANTS[1]), VARIANTS[1], total_steps=5)
+    run(m, momentum, 1, x, y)
+    bufs = sum(st["momentum_buffer"].numel() for st in momentum.state.values())
+    assert bufs == sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("cfg", VARIANTS[:2], ids=IDS[:2])
+def test_state_dict_resume_continues_exactly(cfg):
+    net = random_net(cfg)
+    x, y = data()
+    m1 = make_model()
+    o1 = AdaptiveOptimizer(m1.parameters(), net, cfg, total_steps=10)
+    run(m1, o1, 10, x, y)
+    m2 = make_model()
+    o2 = AdaptiveOptimizer(m2.parameters(), net, cfg, total_steps=10)
+    run(m2, o2, 4, x, y)
+    saved_model, saved_opt = copy.deepcopy(m2.state_dict()), copy.deepcopy(o2.state_dict())
+    m3 = make_model(seed=9)
+    m3.load_state_dict(saved_model)
+    o3 = AdaptiveOptimizer(m3.parameters(), net, cfg, total_steps=10)
+    o3.load_state_dict(saved_opt)
+    for t in range(4, 10):  # the same minibatch sequence as run() from step 4
+        idx = torch.arange(t % 4, x.shape[0], 4)
+        o3.zero_grad()
+        nn.functional.mse_loss(m3(x[idx]), y[idx]).backward()
+        o3.step()
+    for a, b in zip(m1.parameters(), m3.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_total_steps_drives_the_fraction_feature():
+    cfg = AdaptiveConfig(init_lr=0.05, momentum=0.0, hidden=2)
+    net = init_net(cfg, dtype=F64)
+    net["wl"][0, 4] = 1.0  # log step size grows with the fraction done
+    x, y = data()
+    m1, m2 = make_model(), make_model()
+    short = AdaptiveOptimizer(m1.parameters(), net, cfg, total_steps=2)
+    long = AdaptiveOptimizer(m2.parameters(), net, cfg, total_steps=200)
+    run(m1, short, 2, x, y)
+    run(m2, long, 2, x, y)
+    # step index 1: fraction 1/2 against 1/200; log(eta / eta_0) = B tanh(fraction / B)
+    for opt, frac in ((short, 0.5), (long, 0.005)):
+        want = 0.05 * torch.exp(10 * torch.tanh(torch.tensor(frac / 10, dtype=F64))).item()
+        assert opt.param_groups[0]["last_step_size"] == pytest.approx(want, rel=1e-12)
+    m = m1
+    with pytest.raises(ValueError, match="total_steps"):
+        AdaptiveOptimizer(m.parameters(), net, cfg, total_steps=0)
+
+
+def test_export_round_trip_and_validation(tmp_path):
+    spec = load_spec(SINE)
+    cfg = rule_config(spec, "adaptive")
+    assert cfg.momentum == 0 and rule_config(spec, "adaptive-momentum").momentum == spec.adaptive.momentum
+    net = {k: v.float() for k, v in random_net(cfg).items()}
+    path = save_optimizer(tmp_path / "a.safetensors", net, cfg, spec.to_dict(), {"meta_steps": 1})
+    exp = read_optimizer(path)
+    assert exp.rule == "adaptive" and exp.config == cfg and exp.horizon == spec.inner.horizon
+    for k in NET_NAMES:
+        assert torch.equal(exp.meta[k], net[k])
+    # loads onto architectures it never saw, as a drop-in optimizer
+    for sizes in ((3, 8, 2), (3, 32, 32, 32, 2)):
+        model = make_model(sizes=sizes).float()
+        opt = metascale.load_optimizer(path, model.parameters(), total_steps=50)
+        assert isinstance(opt, AdaptiveOptimizer) and opt.param_groups[0]["total_steps"] == 50
+        x, y = torch.randn(16, 3), torch.randn(16, 2)
+        before = nn.functional.mse_loss(model(x), y).item()
+        for _ in range(20):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        assert torch.isfinite(torch.tensor(nn.functional.mse_loss(model(x), y).item()))
+        assert before > 0
+    with pytest.raises(ValueError, match="total_steps"):
+        metascale.load_optimizer(path, make_model().parameters(), total_steps=0)
+    # mis-shaped / missing tensors and a config that does not match the tensors
+    bad = dict(net, w1=torch.zeros(3, 7))
+    save_optimizer(tmp_path / "b.safetensors", bad, cfg, spec.to_dict(), {})
+    with pytest.raises(ExportFormatError, match="'w1' has shape"):
+        read_optimizer(tmp_path / "b.safetensors")
+    from safetensors.torch import save_file
+    meta = {"format": "metascale.optimizer", "format_version": "1", "rule": "adaptive",
+            "rule_config": json.dumps({"hidden": 16}), "group_mapping": json.dumps(metascale.optim.MAPPING_RULE),
+            "spec": json.dumps(spec.to_dict()), "summary": "{}"}
+    save_file({k: net[k] for k in NET_NAMES if k != "wl"}, str(tmp_path / "c.safetensors"), metadata=meta)
+    with pytest.raises(ExportFormatError, match="expected exactly"):
+        read_optimizer(tmp_path / "c.safetensors")
+    save_file({**{k: net[k] for k in NET_NAMES}, "log_scale": torch.zeros(2, 3, 1)}, str(tmp_path / "d.safetensors"),
+              metadata=meta)
+    with pytest.raises(ExportFormatError, match="expected exactly"):
+        read_optimizer(tmp_path / "d.safetensors")
+
+
+def test_frozen_optimizer_dispatch():
+    spec = load_spec(SINE)
+    m = make_model().float()
+    for name, cls in (("layerwise", metascale.LayerwiseOptimizer), ("adaptive", AdaptiveOptimizer),
+                      ("adaptive-momentum", AdaptiveOptimizer)):
+        cfg = rule_config(spec, name)
+        opt = frozen_optimizer(m.parameters(), init_rule_meta(cfg, 20), cfg, total_steps=20)
+        assert isinstance(opt, cls)
+    with pytest.raises(ValueError, match="unknown rule"):
+        rule_config(spec, "adam")
+
+
+def test_cli_meta_train_evaluate_info_adaptive(tmp_path, capsys):
+    spec = tmp_path / "tiny.toml"
+    spec.write_text(open(SINE).read().replace("steps = 20 ", "steps = 4 ").replace("tasks = 50", "tasks = 3")
+                    .replace("tune_tasks = 64", "tune_tasks = 2").replace("hidden = [40, 40]", "hidden = [8, 8]"))
+    for rule in ("adaptive", "adaptive-momentum", "layerwise"):
+        assert main(["meta-train", "--spec", str(spec), "--out", str(tmp_path / rule), "--rule", rule,
+                     "--meta-steps", "2", "--quiet"]) == 0
+        exp = read_optimizer(tmp_path / rule / "optimizer.safetensors")
+        assert exp.summary["rule"] == rule
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "adaptive" / "optimizer.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "variant adaptive" in out and "per-parameter state: none" in out and "log_grad_rms" in out
+    assert main(["evaluate", str(tmp_path / "adaptive-momentum" / "optimizer.safetensors"), "--spec", str(spec),
+                 "--compare", str(tmp_path / "adaptive" / "optimizer.safetensors"),
+                 str(tmp_path / "layerwise" / "optimizer.safetensors"),
+                 "--baselines", "adam,adafactor,prodigy,schedulefree_adamw", "--json", str(tmp_path / "e.json"),
+                 "--quiet"]) == 0
+    rows = json.loads((tmp_path / "e.json").read_text())["optimizers"]
+    assert set(rows) == {"adam", "adafactor", "prodigy", "schedulefree_adamw", "learned", "learned_adaptive",
+                         "learned_layerwise"}
+    assert rows["prodigy"].get("lr_free") and "tuning_median_final_loss" in rows["adafactor"]
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "adaptive" / "optimizer.safetensors"), "--spec", str(spec),
+                 "--baselines", "adam,lion", "--quiet"]) == 2
+    assert "unknown baseline 'lion'" in capsys.readouterr().err
