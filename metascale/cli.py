@@ -161,6 +161,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Plot a run folder (meta-loss, learned step sizes and rescaling factors per layer, held-out
+    comparison from eval.json) and write a markdown summary, report.md, that embeds the plots."""
+    from .report import make_report
+    rep = make_report(args.run_dir, args.out, progress=not args.quiet)
+    for note in rep.notes:
+        print(f"note: {note}")
+    print(f"wrote {rep.markdown} with {', '.join(p.name for p in rep.images.values())}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (one sub-command per verb, each with ``--help``)."""
     p = argparse.ArgumentParser(
@@ -213,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe an exported optimizer file", description=cmd_info.__doc__)
     i.add_argument("file", help="exported optimizer (.safetensors)")
     i.set_defaults(func=cmd_info)
+
+    r = sub.add_parser("report", help="plot a run folder and write report.md", description=cmd_report.__doc__)
+    r.add_argument("run_dir", metavar="RUN_DIR", help="folder written by `metascale meta-train --out` (metrics.jsonl, "
+                                                      "optimizer.safetensors; eval.json if evaluated into it)")
+    r.add_argument("--out", help="folder for report.md and the PNG plots (default: RUN_DIR)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=cmd_report)
     return p
 
 

@@ -127,9 +127,12 @@ def summarize(curves: dict[str, list[list[float]]], accuracies: dict[str, list] 
     for name, cs in curves.items():
         finals = np.array([c[-1] for c in cs], dtype=np.float64)
         q25, q50, q75 = (float(np.percentile(finals, q)) for q in (25, 50, 75))
+        stack = np.array(cs, dtype=np.float64)
+        with np.errstate(invalid="ignore"):  # a diverged task (inf) may make a quartile nan
+            q25_curve, q75_curve = (np.percentile(stack, q, axis=0).tolist() for q in (25, 75))
         row = {"median_final_loss": q50, "iqr_final_loss": q75 - q25, "q25_final_loss": q25,
                "q75_final_loss": q75, "final_losses": finals.tolist(),
-               "median_curve": np.median(np.array(cs), axis=0).tolist()}
+               "median_curve": np.median(stack, axis=0).tolist(), "q25_curve": q25_curve, "q75_curve": q75_curve}
         if adam_final is not None:
             steps = [_steps_to(c, a) for c, a in zip(cs, adam_final)]
             med = float(np.median(steps))
