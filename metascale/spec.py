@@ -31,6 +31,9 @@ from .tasks import FAMILIES
 from .tasks.base import TaskSampler
 
 TABLES = ("description", "family", "inner", "meta", "optimizer", "adaptive", "evaluate")
+EXTERNAL = "external"
+"""``[family] name`` of tasks drawn outside metascale (:mod:`metascale.interop`): the family
+table is a JSON record of where they came from, kept as it is; such a spec draws no tasks itself."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +53,9 @@ class Spec:
 
     def make_family(self):
         """A family instance built from the ``[family]`` table."""
+        if self.family_name == EXTERNAL:
+            raise SpecError(f"spec {self.name!r} records tasks drawn outside metascale ({self.family}); "
+                            "draw them with the sampler they came from (metascale.interop)")
         return FAMILIES[self.family_name][0](self.family)
 
     def sampler(self, split: str, seed: int) -> TaskSampler:
@@ -59,7 +65,8 @@ class Spec:
     def to_dict(self) -> dict:
         """JSON-able dict that :func:`spec_from_dict` turns back into an equal spec."""
         return {"name": self.name, "description": self.description,
-                "family": {"name": self.family_name, **to_dict(self.family)},
+                "family": {"name": self.family_name,
+                           **(dict(self.family) if self.family_name == EXTERNAL else to_dict(self.family))},
                 "inner": to_dict(self.inner), "meta": to_dict(self.meta),
                 "optimizer": to_dict(self.optimizer), "adaptive": to_dict(self.adaptive),
                 "evaluate": to_dict(self.evaluate)}
@@ -78,14 +85,14 @@ def spec_from_dict(data: dict, name: str, where: str, path: str | None = None) -
             raise SpecError(f"{where}: {key!r} must be a table ([{key}])")
     family = dict(data.get("family") or {})
     fname = family.pop("name", None)
-    if not isinstance(fname, str) or fname not in FAMILIES:
+    if fname != EXTERNAL and (not isinstance(fname, str) or fname not in FAMILIES):
         raise SpecError(f"{where} [family]: name = {fname!r} is not allowed; expected one of "
                         + ", ".join(repr(f) for f in FAMILIES))
     description = data.get("description", "")
     if not isinstance(description, str):
         raise SpecError(f"{where}: description must be a string")
     return Spec(name=name, description=description, family_name=fname,
-                family=from_table(FAMILIES[fname][1], family, f"{where} [family]"),
+                family=family if fname == EXTERNAL else from_table(FAMILIES[fname][1], family, f"{where} [family]"),
                 inner=from_table(InnerConfig, data.get("inner"), f"{where} [inner]"),
                 meta=from_table(MetaConfig, data.get("meta"), f"{where} [meta]"),
                 optimizer=from_table(LayerwiseConfig, data.get("optimizer"), f"{where} [optimizer]"),

@@ -17,3 +17,6 @@ if [ ! -f "$stamp" ] || ! .venv/bin/python -c "import metascale, torch, higher, 
     rm -f .venv/.metascale-install-*
     touch "$stamp"
 fi
+# learn2learn for metascale.interop (optional; not a pip install on Python 3.11: see the script)
+bash scripts/install_learn2learn.sh || echo "setup: learn2learn was not installed (needs PyPI);" \
+    "metascale.interop.learn2learn and tests/test_learn2learn.py need it: bash scripts/install_learn2learn.sh" >&2
