@@ -6,7 +6,7 @@ Quick use of an exported optimizer::
     import metascale
     opt = metascale.load_optimizer("runs/sine/optimizer.safetensors", model.parameters())
 """
-from .errors import ExportFormatError, MetascaleError, MissingExtraError, SpecError
+from .errors import CheckpointError, ExportFormatError, MetascaleError, MissingExtraError, SpecError
 from .export import load_loss, load_optimizer, read_optimizer, save_loss, save_optimizer
 from .meta import MetaTrainer
 from .optim import LayerwiseConfig, LayerwiseOptimizer
@@ -16,4 +16,4 @@ __version__ = "0.1.0"
 
 __all__ = ["load_loss", "save_loss", "ExportFormatError", "MetascaleError", "MissingExtraError", "SpecError", "load_optimizer",
            "read_optimizer", "save_optimizer", "MetaTrainer", "LayerwiseConfig", "LayerwiseOptimizer",
-           "load_spec", "__version__"]
+           "load_spec", "__version__", "CheckpointError"]

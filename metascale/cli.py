@@ -65,6 +65,12 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise MetascaleError(f"--out {out}: exists and is not a folder")
+    checkpoint = out / "checkpoint.safetensors"
+    if args.resume:  # the file itself before any work; that it is this run's, in train()
+        from .meta.checkpoint import read_checkpoint
+        if not checkpoint.is_file():
+            raise MetascaleError(f"--resume: no checkpoint {checkpoint} to resume from; run without --resume to start")
+        read_checkpoint(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     from .losses import LossConfig
     inner_lr = None
@@ -77,7 +83,8 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     trainer = MetaTrainer(spec, seed=args.seed, device=device, meta_steps=args.meta_steps,
                           progress=not args.quiet, learn=args.learn, loss_config=LossConfig(kind=args.loss),
                           inner_lr=inner_lr)
-    result = trainer.train(metrics_path=out / "metrics.jsonl")
+    result = trainer.train(metrics_path=out / "metrics.jsonl", checkpoint_path=checkpoint,
+                           checkpoint_every=args.checkpoint_every, resume=args.resume)
     if size > 1:
         import torch.distributed as dist
         dist.destroy_process_group()
@@ -96,6 +103,12 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     print(f"meta-trained {spec.name} for {s['meta_steps']} meta-steps in {s['wall_time_s']} s "
           f"(meta-loss {s['first_meta_loss']} -> {s['final_meta_loss_avg_last_10pct']}, "
           f"skipped tasks {s['skipped_tasks']})")
+    if "resumed_from_meta_step" in s:
+        print(f"resumed from the checkpoint at meta-step {s['resumed_from_meta_step']}")
+    if s["skipped_tasks"]:
+        print(f"warning: {s['skipped_tasks']} inner run(s) diverged (non-finite loss or meta-gradient) and were "
+              f"dropped from the meta-gradient; {s['skipped_meta_steps']} meta-step(s) had no finite task and left "
+              "the meta-parameters unchanged (see tasks_skipped and skipped_draws in metrics.jsonl)")
     print(f"wrote {', '.join(map(str, written))} and {out / 'metrics.jsonl'}")
     return 0
 
@@ -202,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=_nonneg, default=0, help="seed of task draws and model inits (default 0)")
     m.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.add_argument("--checkpoint-every", type=_nonneg, default=10, metavar="N",
+                   help="write OUT/checkpoint.safetensors every N meta-steps and after the last (0: never; "
+                        "default 10)")
+    m.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.safetensors (same spec, seed, --learn, --rule, --loss, "
+                        "--engine); the result equals an uninterrupted run's")
     m.set_defaults(func=cmd_meta_train)
 
     e = sub.add_parser("evaluate", help="compare an exported optimizer with tuned baselines on held-out tasks",

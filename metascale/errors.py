@@ -19,3 +19,8 @@ class ExportFormatError(MetascaleError, ValueError):
 
 class MissingExtraError(MetascaleError, ImportError):
     """An optional integration was used without its extra installed."""
+
+
+class CheckpointError(MetascaleError, ValueError):
+    """A meta-training checkpoint is missing, corrupted, of another format version, or from
+    another run (spec, seed, learn mode or rule) than the one asked to resume."""

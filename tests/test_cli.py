@@ -346,3 +346,184 @@ def test_evaluate_json_is_a_folder(capsys, tmp_path):
                          load_spec(spec).to_dict(), {})
     (tmp_path / "j").mkdir()
     assert_error(capsys, ["evaluate", opt, "--spec", spec, "--quiet", "--json", tmp_path / "j"], "--json")
+
+
+# --------------------------------------------------------------------------- checkpoints, resuming, bad files
+import shutil  # noqa: E402  (this section's own imports, kept next to it)
+
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from metascale.export import save_loss  # noqa: E402
+from metascale.losses import LossConfig, make_loss  # noqa: E402
+from metascale.meta.checkpoint import checkpoint_digest  # noqa: E402
+
+
+def _edit(path: Path, *, tensors=None, digest: bool = False, **metadata: str) -> Path:
+    """Rewrite a safetensors file in place with edited tensors/metadata (a recomputed checkpoint
+    digest when ``digest``)."""
+    with safe_open(str(path), "pt") as f:
+        t, m = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    if tensors:
+        tensors(t)
+    m.update(metadata)
+    if digest:
+        m["digest"] = checkpoint_digest(t, m)
+    save_file(t, str(path), metadata=m)
+    return path
+
+
+def test_resume_refusals(capsys, tmp_path):
+    """Every way --resume can be wrong: one line, exit 2, and the run folder left as it was."""
+    spec, out = tiny_spec(tmp_path), tmp_path / "run"
+    base = ["meta-train", "--spec", spec, "--out", out, "--quiet", "--device", "cpu"]
+    code, _, err = run(capsys, *base, "--checkpoint-every", 1)
+    assert code == 0, err
+    ck, metrics = out / "checkpoint.safetensors", out / "metrics.jsonl"
+    before = read_optimizer(out / "optimizer.safetensors").meta
+    resume = [*base, "--resume"]
+    code, stdout, err = run(capsys, *resume)  # a finished run resumes to the same export
+    assert code == 0 and "resumed from the checkpoint at meta-step 2" in stdout, err
+    after = read_optimizer(out / "optimizer.safetensors").meta
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    kept = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "optimizer.safetensors"}
+
+    assert_error(capsys, [*resume, "--seed", 4], str(ck), "from another run: seed differs (checkpoint 0, this run 4)")
+    assert_error(capsys, ["meta-train", "--spec", tiny_spec(tmp_path, "other", inner={"steps": 4}), "--out", out,
+                          "--quiet", "--device", "cpu", "--resume"], "spec.inner.steps differs (checkpoint 3, this run 4)")
+    assert_error(capsys, [*resume, "--engine", "func"], 'spec.inner.engine differs (checkpoint "higher", this run "func")')
+    assert_error(capsys, [*resume, "--learn", "both"], 'learn differs (checkpoint "optimizer", this run "both")')
+    assert_error(capsys, [*resume, "--meta-steps", 1], "the checkpoint is at meta-step 2, past the 1 meta-steps asked for")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "optimizer.safetensors"} == kept
+
+    good = ck.read_bytes()
+    metrics.write_text(metrics.read_text().splitlines()[0] + "\n")
+    assert_error(capsys, resume, str(metrics), "holds no record of meta-step 1", "cannot resume")
+    metrics.write_bytes(kept["metrics.jsonl"])
+    _edit(ck, digest=True, format_version="2")
+    assert_error(capsys, resume, str(ck), "file format version '2'; this metascale reads version '1'")
+    ck.write_bytes(good)
+    _edit(ck, torch_version="1.0")  # any edit without a matching digest
+    assert_error(capsys, resume, str(ck), "contents do not match the stored digest (file corrupted or edited)")
+    flipped = bytearray(good)
+    flipped[-3] ^= 0x10  # a bit in the last tensor's bytes
+    ck.write_bytes(bytes(flipped))
+    assert_error(capsys, resume, "do not match the stored digest")
+    ck.write_bytes(good[: len(good) // 2])
+    assert_error(capsys, resume, str(ck), "truncated or corrupted")
+    shutil.copy(out / "optimizer.safetensors", ck)
+    assert_error(capsys, resume, "not a metascale checkpoint file (format = 'metascale.optimizer')")
+    ck.unlink()
+    assert_error(capsys, resume, f"--resume: no checkpoint {ck} to resume from")
+    assert_error(capsys, ["meta-train", "--spec", spec, "--out", tmp_path / "never", "--quiet", "--resume"],
+                 "--resume: no checkpoint")
+    assert not (tmp_path / "never").exists()
+
+
+def test_checkpoint_every_zero_writes_none(capsys, tmp_path):
+    code, _, err = run(capsys, "meta-train", "--spec", tiny_spec(tmp_path), "--out", tmp_path / "run", "--quiet",
+                       "--device", "cpu", "--checkpoint-every", 0)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.jsonl", "optimizer.safetensors"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["meta-train", "--spec", "s.toml", "--out", "o", "--checkpoint-every", "-1"],
+     "--checkpoint-every: expected a non-negative integer, got -1"),
+    (["meta-train", "--spec", "s.toml", "--out", "o", "--checkpoint-every", "often"],
+     "--checkpoint-every: expected a non-negative integer, got 'often'"),
+    (["meta-train", "--spec", "s.toml", "--out", "o", "--resume", "yes"], "unrecognized arguments: yes"),
+    (["meta-train", "--spec", "s.toml", "--out", "o", "--learn", "everything"], "invalid choice: 'everything'"),
+    (["meta-train", "--spec", "s.toml", "--out", "o", "--loss", "hinge"], "invalid choice: 'hinge'"),
+    (["meta-train", "--spec", "s.toml", "--out", "o", "--engine", "jax"], "invalid choice: 'jax'"),
+    (["meta-train", "--spec", "s.toml"], "the following arguments are required: --out"),
+    (["evaluate", "f.safetensors", "--spec", "s.toml", "--steps", "0"], "--steps: expected a positive integer, got 0"),
+    (["evaluate", "f.safetensors", "--spec", "s.toml", "--seed", "-2"], "--seed: expected a non-negative integer, got -2"),
+    (["info"], "the following arguments are required: file"),
+])
+def test_more_argparse_errors(capsys, argv, needle):
+    code, out, err = argparse_exit(capsys, *argv)
+    assert code == 2 and out == ""
+    assert err.startswith("usage: metascale") and needle in err, err
+
+
+def test_spec_files_of_the_wrong_type(capsys, tmp_path):
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    assert_error(capsys, ["meta-train", "--spec", binary, "--out", tmp_path / "run"], "binary.toml", "malformed TOML")
+    assert_error(capsys, ["meta-train", "--spec", tmp_path, "--out", tmp_path / "run"], "no such spec file")
+    wrong_type = tiny_spec(tmp_path, meta={"steps": "10"})
+    assert_error(capsys, ["meta-train", "--spec", wrong_type, "--out", tmp_path / "run"],
+                 "[meta]: steps = '10' is not allowed; expected an integer")
+    table = tmp_path / "table.toml"
+    table.write_text('inner = 3\n[family]\nname = "sine"\n')
+    assert_error(capsys, ["meta-train", "--spec", table, "--out", tmp_path / "run"], "'inner' must be a table")
+    assert not (tmp_path / "run").exists()
+    assert_error(capsys, ["tasks", "--dir", binary], "no such folder")
+
+
+def _bad_export(tmp_path: Path, case: str) -> Path:
+    path = save_optimizer(tmp_path / f"{case}.safetensors", init_meta(LayerwiseConfig(), 3), LayerwiseConfig(),
+                          load_spec(SINE).to_dict(), {"meta_steps": 0})
+    edits = {
+        "tensor_missing": dict(tensors=lambda t: t.pop("log_scale")),
+        "tensor_extra": dict(tensors=lambda t: t.update(momentum=torch.zeros(2, 3, 3))),
+        "mis_shaped": dict(tensors=lambda t: t.update(log_scale=torch.zeros(2, 3, 4))),
+        "float64": dict(tensors=lambda t: t.update(log_scale=t["log_scale"].double())),
+        "nan": dict(tensors=lambda t: t["log_scale"].view(-1).__setitem__(0, math.nan)),
+        "version": dict(format_version="2"),
+        "not_json": dict(rule_config="{momentum: 0.9"),
+        "huge_int": dict(summary="9" * 5000),
+        "extra_key": dict(signature="x"),
+        "rule": dict(rule="lion"),
+        "spec": dict(spec=json.dumps({**load_spec(SINE).to_dict(), "family": {"name": "cosine"}})),
+    }
+    return _edit(path, **edits[case])
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("tensor_missing", "expected exactly ['log_step_size', 'log_scale']"),
+    ("tensor_extra", "expected exactly ['log_step_size', 'log_scale']"),
+    ("mis_shaped", "tensor 'log_scale' has shape (2, 3, 4)"),
+    ("float64", "dtype torch.float64; expected float32"),
+    ("nan", "non-finite"),
+    ("version", "file format version '2'; this metascale reads version '1'"),
+    ("not_json", "metadata 'rule_config' is not valid JSON"),
+    ("huge_int", "metadata 'summary' is not valid JSON"),
+    ("extra_key", "unexpected ['signature']"),
+    ("rule", "unknown rule 'lion'"),
+    ("spec", "name = 'cosine' is not allowed"),
+])
+def test_info_and_evaluate_refuse_bad_exports(capsys, tmp_path, case, needle):
+    bad = _bad_export(tmp_path, case)
+    assert_error(capsys, ["info", bad], str(bad), needle)
+    assert_error(capsys, ["evaluate", bad, "--spec", SINE, "--quiet"], str(bad), needle)
+
+
+def test_bad_loss_files(capsys, tmp_path):
+    spec = load_spec(SINE).to_dict()
+    loss = save_loss(tmp_path / "loss.safetensors", make_loss("regression", LossConfig()), spec, {})
+    good = save_optimizer(tmp_path / "good.safetensors", init_meta(LayerwiseConfig(), 20), LayerwiseConfig(), spec, {})
+    first = sorted(make_loss("regression", LossConfig()).state_dict())[0]
+    missing = _edit(save_loss(tmp_path / "missing.safetensors", make_loss("regression", LossConfig()), spec, {}),
+                    tensors=lambda t: t.pop(first))
+    assert_error(capsys, ["evaluate", missing, "--spec", SINE, "--quiet"], str(missing), "expected")
+    assert_error(capsys, ["evaluate", good, "--spec", SINE, "--quiet", "--loss", missing], str(missing), "expected")
+    kind = _edit(save_loss(tmp_path / "kind.safetensors", make_loss("regression", LossConfig()), spec, {}),
+                 task_kind="ranking")
+    assert_error(capsys, ["evaluate", kind, "--spec", SINE, "--quiet"], "task_kind 'ranking'")
+    assert_error(capsys, ["evaluate", loss, "--spec", SINE, "--quiet", "--loss", loss], "FILE is already a learned loss")
+    assert_error(capsys, ["evaluate", good, "--spec", SINE, "--quiet", "--loss", tmp_path / "none.safetensors"],
+                 "no such file")
+    assert_error(capsys, ["info", loss], str(loss), "not a metascale optimizer file (format = 'metascale.loss')")
+
+
+def test_a_checkpoint_is_not_an_exported_optimizer(capsys, tmp_path):
+    code, _, err = run(capsys, "meta-train", "--spec", tiny_spec(tmp_path), "--out", tmp_path / "run", "--quiet",
+                       "--device", "cpu")
+    assert code == 0, err
+    ck = tmp_path / "run" / "checkpoint.safetensors"
+    assert ck.is_file()  # the default cadence saves the last meta-step
+    assert_error(capsys, ["info", ck], "not a metascale optimizer file (format = 'metascale.checkpoint')")
+    assert_error(capsys, ["evaluate", ck, "--spec", SINE, "--quiet"], "not a metascale optimizer file")
+    assert_error(capsys, ["info", tmp_path], "no such file")

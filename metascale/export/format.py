@@ -87,7 +87,7 @@ def save_optimizer(path: str | Path, meta: dict[str, torch.Tensor], config: Rule
 def _json(meta: dict, key: str, path: Path) -> dict:
     try:
         value = json.loads(meta[key])
-    except (json.JSONDecodeError, TypeError):
+    except (ValueError, TypeError, RecursionError):  # also over-long integers, too deep nesting
         raise ExportFormatError(f"{path}: metadata {key!r} is not valid JSON (file tampered with?)") from None
     if not isinstance(value, dict):
         raise ExportFormatError(f"{path}: metadata {key!r} must be a JSON object")

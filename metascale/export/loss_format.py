@@ -66,7 +66,7 @@ def read_loss(path: str | Path) -> ExportedLoss:
         raise ExportFormatError(f"{path}: metadata keys {sorted(meta)}; expected {sorted(_KEYS)}")
     try:
         parsed = {k: json.loads(meta[k]) for k in ("loss_config", "spec", "summary")}
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # JSONDecodeError, over-long integers, too deep nesting
         raise ExportFormatError(f"{path}: metadata is not valid JSON (file tampered with?)") from None
     if not all(isinstance(v, dict) for v in parsed.values()):
         raise ExportFormatError(f"{path}: metadata values must be JSON objects")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +27,7 @@ from ..inner.higher_engine import unroll
 from ..optim.groups import ROLES
 from ..losses import LossConfig, make_loss
 from .distributed import gather_in_task_order, my_tasks, world
+from .checkpoint import open_metrics, restore, run_identity, save_checkpoint, snapshot
 from ..optim.layerwise import LayerwiseConfig, init_meta
 
 LEARN = ("optimizer", "loss", "both")
@@ -93,6 +93,17 @@ def describe(meta: dict[str, torch.Tensor]) -> dict:
                    "scale": torch.exp(meta["log_scale"][r]).tolist()} for r, role in enumerate(ROLES)}
 
 
+def clipped_mean(sums: list[torch.Tensor], n: int, clip: float) -> tuple[list[torch.Tensor], float]:
+    """The mean ``sums / n`` of per-task meta-gradients, clipped to global norm ``clip`` (0: not
+    clipped), and its norm before clipping, all in float64: ``clip_grad_norm_`` on float32
+    gradients overflows to an infinite norm (at ~1.8e19 on CUDA), which zeroes the step, or
+    makes it NaN when clipping is off."""
+    mean = [s / n for s in sums]
+    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(m) for m in mean])))
+    coef = min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0
+    return [m * coef for m in mean], norm
+
+
 class MetaTrainer:
     """Meta-train the layer-wise optimizer on a spec's meta-train distribution.
 
@@ -117,8 +128,20 @@ class MetaTrainer:
         self.steps = spec.meta.steps if meta_steps is None else meta_steps
         self.progress = progress
 
-    def train(self, metrics_path: str | Path | None = None) -> MetaResult:
-        """Run the meta-training loop; write one JSON line per meta-step to ``metrics_path``."""
+    def train(self, metrics_path: str | Path | None = None, *, checkpoint_path: str | Path | None = None,
+              checkpoint_every: int = 10, resume: bool = False) -> MetaResult:
+        """Run the meta-training loop; write one JSON line per meta-step to ``metrics_path``.
+
+        With ``checkpoint_path``, write a checkpoint (:mod:`metascale.meta.checkpoint`) after
+        every ``checkpoint_every``-th meta-step (0: never) and after the last; a fresh run first
+        removes a stale one. ``resume=True`` continues from it instead, cutting the metrics file
+        back to the checkpoint's meta-step: the result equals an uninterrupted run's.
+
+        Raises:
+            CheckpointError: ``resume`` without an intact checkpoint of this same run.
+        """
+        if resume and checkpoint_path is None:
+            raise ValueError("resume=True needs the checkpoint_path to resume from")
         spec, cfg = self.spec, self.spec.meta
         sampler = spec.sampler("train", self.seed)
         rank, _ = world()
@@ -140,55 +163,74 @@ class MetaTrainer:
         n_flat = sum(sizes)
         if rank != 0:  # only rank 0 writes files and logs
             metrics_path, self.progress = None, False
+        run = run_identity(spec.to_dict(), self.seed, self.learn, rule, self.loss_config if learn_loss else None,
+                           self.inner_lr)
+        skipped, history, start, elapsed = 0, [], 0, 0.0
+        if resume:  # every rank loads it: same meta-parameters and Adam state everywhere
+            ck = restore(checkpoint_path, run, meta, loss_fn, adam, self.steps)
+            skipped, history, start, elapsed = ck.skipped, ck.history, ck.step, ck.elapsed_s
+        elif checkpoint_path is not None and rank == 0:
+            Path(checkpoint_path).unlink(missing_ok=True)  # an earlier run's: never resume into this one
         if metrics_path:
             Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
-        out = open(metrics_path, "w") if metrics_path else None
-        skipped, t0, history = 0, time.time(), []
-        bar = tqdm(range(self.steps), desc=f"meta-train {spec.name}", disable=not self.progress, dynamic_ncols=True)
+        out = open_metrics(metrics_path, start) if metrics_path else None
+        t0 = time.time() - elapsed
+        bar = tqdm(range(start, self.steps), initial=start, total=self.steps, desc=f"meta-train {spec.name}",
+                   disable=not self.progress, dynamic_ncols=True)
         try:
             for step in bar:
                 adam.zero_grad(set_to_none=True)
-                grads = [torch.zeros_like(v) for v in params]
-                losses, n_ok = [], 0
+                # float64 sums: B float32-finite meta-gradients can overflow a float32 sum
+                grads = [torch.zeros_like(v, dtype=torch.float64) for v in params]
+                losses, n_ok, dropped = [], 0, []
                 # rows [finite, meta-loss, flat meta-gradient] of this rank's tasks, then of all
                 # tasks in task order (distributed.py); reduced in that order on every rank
                 mine = [self._task_row(sampler.task(step * cfg.batch_size + j), meta, rule, loss_fn, params)
                         for j in my_tasks(cfg.batch_size)]
                 rows = gather_in_task_order(torch.stack(mine) if mine else torch.zeros((0, 2 + n_flat)),
                                             cfg.batch_size)
-                for row in rows:
-                    if row[0] == 0:
+                for j, row in enumerate(rows):
+                    if row[0] == 0:  # diverged: its meta-gradient is dropped
                         skipped += 1
+                        dropped.append(step * cfg.batch_size + j)
                         continue
                     for acc, x in zip(grads, torch.split(row[2:], sizes)):
                         acc.add_(x.view_as(acc))
                     losses.append(float(row[1]))
                     n_ok += 1
                 gnorm = None
-                if n_ok:
-                    for v, acc in zip(params, grads):
-                        v.grad = acc / n_ok
-                    gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else math.inf))
+                if n_ok:  # none finite: no Adam step, meta-parameters and Adam state untouched
+                    mean, gnorm = clipped_mean(grads, n_ok, cfg.clip)
+                    for v, g in zip(params, mean):
+                        v.grad = g.to(v.dtype)
                     adam.step()
                 loss = sum(losses) / len(losses) if losses else None
                 history.append(loss)
                 record = {"meta_step": step, "meta_loss": loss, "meta_grad_norm": gnorm, "tasks_ok": n_ok,
+                          "tasks_skipped": len(dropped), "skipped_draws": dropped,
                           "skipped_total": skipped, "elapsed_s": round(time.time() - t0, 3),
                           "learned": describe({k: v.detach().cpu() for k, v in meta.items()}) if learn_opt else None}
                 if out:
                     out.write(json.dumps(record) + "\n")
                     out.flush()
                 bar.set_postfix(meta_loss="skipped" if loss is None else f"{loss:.4f}", gnorm="-" if gnorm is None else f"{gnorm:.3g}")
+                if checkpoint_path is not None and checkpoint_every > 0 and rank == 0 \
+                        and ((step + 1) % checkpoint_every == 0 or step + 1 == self.steps):
+                    save_checkpoint(checkpoint_path, snapshot(run, step + 1, skipped, history, time.time() - t0, meta,
+                                                              loss_fn, adam, self.device), metrics=out)
         finally:
             if out:
                 out.close()
         final = {k: v.detach().cpu().float().clone() for k, v in meta.items()}
         tail = [h for h in history[-max(1, len(history) // 10):] if h is not None]
         summary = {"meta_steps": self.steps, "seed": self.seed, "device": str(self.device),
-                   "skipped_tasks": skipped, "wall_time_s": round(time.time() - t0, 2),
+                   "skipped_tasks": skipped, "skipped_meta_steps": history.count(None),
+                   "wall_time_s": round(time.time() - t0, 2),
                    "first_meta_loss": next((h for h in history if h is not None), None),
                    "final_meta_loss_avg_last_10pct": sum(tail) / len(tail) if tail else None,
                    "torch_version": torch.__version__, "learn": self.learn}
+        if resume:
+            summary["resumed_from_meta_step"] = start
         if loss_fn is not None:
             loss_fn = loss_fn.cpu().float().requires_grad_(False)
             summary["inner_lr"] = self.inner_lr
