@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .errors import MetascaleError
 
-RULES = ("layerwise",)
+from .optim.rules import RULES
 
 
 def _int_at_least(lo: int):
@@ -82,7 +82,7 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
         print(f"inner SGD step size tuned on meta-train tasks (task loss): {inner_lr:.3g}")
     trainer = MetaTrainer(spec, seed=args.seed, device=device, meta_steps=args.meta_steps,
                           progress=not args.quiet, learn=args.learn, loss_config=LossConfig(kind=args.loss),
-                          inner_lr=inner_lr)
+                          inner_lr=inner_lr, rule=args.rule)
     result = trainer.train(metrics_path=out / "metrics.jsonl", checkpoint_path=checkpoint,
                            checkpoint_every=args.checkpoint_every, resume=args.resume)
     if size > 1:
@@ -92,8 +92,8 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
         return 0
     written = []
     if args.learn in ("optimizer", "both"):
-        written.append(save_optimizer(out / "optimizer.safetensors", result.meta, spec.optimizer, spec.to_dict(),
-                                      result.summary, rule=args.rule))
+        written.append(save_optimizer(out / "optimizer.safetensors", result.meta, result.rule, spec.to_dict(),
+                                      result.summary))
     if args.learn in ("loss", "both"):
         from .export import save_loss
         written.append(save_loss(out / "loss.safetensors", result.loss, spec.to_dict(), result.summary))
@@ -115,11 +115,20 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate an exported optimizer on held-out tasks next to tuned baselines."""
-    from .evaluate import evaluate, format_table
+    from .evaluate import BASELINES, eval_steps, evaluate, format_table
     from .export import load_optimizer, read_optimizer
     from .meta import resolve_device
     from .spec import load_spec
     from .export import file_format, read_loss
+    spec = load_spec(args.spec)
+    T = eval_steps(spec, args.steps)
+    baselines = None
+    if args.baselines:
+        baselines = list(BASELINES) if args.baselines == "all" else [b.strip() for b in args.baselines.split(",")]
+        bad = [b for b in baselines if b not in BASELINES]
+        if bad or not baselines:
+            raise MetascaleError(f"--baselines: unknown baseline {bad[0] if bad else ''!r}; choose from "
+                                 f"{', '.join(BASELINES)} (comma-separated) or all")
     is_loss = file_format(args.file) == "metascale.loss"
     learned, losses = {}, {}
     if is_loss:  # a learned loss alone: SGD on it vs SGD on the task loss, at equal tuned step size
@@ -128,15 +137,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         losses["sgd+learned_loss"] = ("sgd", read_loss(args.file).module)
     else:
         read_optimizer(args.file)  # validate every input before any work
-        learned["learned"] = lambda p, lr: load_optimizer(args.file, p, lr=lr)
+        learned["learned"] = lambda p, lr: load_optimizer(args.file, p, lr=lr, total_steps=T)
         if args.loss:
             losses["learned+learned_loss"] = ("learned", read_loss(args.loss).module)
-    spec = load_spec(args.spec)
+    for other in args.compare or []:  # more exported optimizers, rows named by their rule
+        exp = read_optimizer(other)
+        name = f"learned_{exp.config.variant if exp.rule == 'adaptive' else exp.rule}"
+        while name in learned:
+            name += "'"
+        learned[name] = lambda p, lr, f=other: load_optimizer(f, p, lr=lr, total_steps=T)
     device = resolve_device(args.device)
     if args.json and Path(args.json).is_dir():
         raise MetascaleError(f"--json {args.json}: is a folder; give a file path")
     result = evaluate(learned, spec, n_tasks=args.tasks, steps=args.steps, seed=args.seed, device=device,
-                      progress=not args.quiet, losses=losses)
+                      progress=not args.quiet, losses=losses, baselines=baselines)
     result["file"] = str(args.file)
     print(format_table(result))
     if args.json:
@@ -161,6 +175,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     print("group mapping rule:")
     for k, v in exp.group_mapping.items():
         print(f"  {k}: {v}")
+    if exp.rule == "adaptive":
+        from .optim.adaptive import FEATURES
+        n = sum(v.numel() for v in exp.meta.values())
+        print(f"variant {exp.config.variant}: a shared network of {n} numbers maps each layer's statistics "
+              f"({', '.join(FEATURES)}) to its step size and rescaling factor every step; default total_steps "
+              f"{exp.horizon} (the meta-training horizon); per-parameter state: "
+              f"{'one momentum buffer' if exp.config.momentum > 0 else 'none'}")
+        wl = exp.meta["wl"]
+        print("linear path (log step size, log rescaling factor) per feature:")
+        for j, f in enumerate(FEATURES):
+            print(f"  {f:<20} {wl[0, j]:+.3f} {wl[1, j]:+.3f}")
+        return 0
     bins = exp.meta["log_step_size"].shape[1]
     print(f"learned schedules over {exp.horizon} step(s) (step size eta, rescaling factor s; effective eta*s):")
     for r, role in enumerate(ROLES):
@@ -202,7 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("meta-train", help="meta-train and export an optimizer", description=cmd_meta_train.__doc__)
     m.add_argument("--spec", required=True, help="task-distribution spec, e.g. tasks/sine.toml")
     m.add_argument("--out", required=True, help="output folder (optimizer.safetensors, metrics.jsonl)")
-    m.add_argument("--rule", default="layerwise", choices=RULES, help="learnable optimizer rule (default: layerwise)")
+    m.add_argument("--rule", default="layerwise", choices=RULES,
+                   help="learnable optimizer rule: layerwise (a learned step size and rescaling factor per layer "
+                        "and inner step, spec table [optimizer]); adaptive (a tiny network shared by all layers maps "
+                        "each layer's gradient/parameter statistics to its step size and rescaling factor every "
+                        "step: no per-parameter state); adaptive-momentum (the same with one momentum buffer); "
+                        "both adaptive rules read the spec table [adaptive] (default: layerwise)")
     m.add_argument("--learn", default="optimizer", choices=("optimizer", "loss", "both"),
                    help="what to meta-train: the layer-wise optimizer (OUT/optimizer.safetensors), a learned loss "
                         "under plain SGD at its tuned step size (OUT/loss.safetensors), or both jointly")
@@ -230,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 "SGD on it against SGD on the task loss at the same tuned step size")
     e.add_argument("--loss", help="a learned loss file to also train the exported optimizer on "
                                   "(row learned+learned_loss)")
+    e.add_argument("--compare", nargs="+", metavar="FILE",
+                   help="more exported optimizers to run on the same tasks (e.g. the static layer-wise one next to "
+                        "an adaptive one); rows learned_<rule>")
+    e.add_argument("--baselines", help="comma-separated baselines from sgd, sgd_momentum, adam, adafactor, prodigy, "
+                                       "schedulefree_adamw, or all (default: the spec's [evaluate] baselines; "
+                                       "prodigy/schedulefree need pip install 'metascale[baselines]')")
     e.add_argument("--spec", required=True, help="task-distribution spec whose meta-test draws are used")
     e.add_argument("--tasks", type=_positive, help="held-out tasks N (default: the spec's [evaluate] tasks)")
     e.add_argument("--steps", type=_positive, help="training steps T (default: the spec's, else its K)")

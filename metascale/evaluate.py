@@ -23,11 +23,47 @@ from .tasks.base import Task, mix_seed
 
 OptFactory = Callable[[Iterable[torch.Tensor], float], torch.optim.Optimizer]
 
+def _extra(module: str, cls: str, extra: str):
+    """Import ``module.cls`` from an optional package, or raise MissingExtraError."""
+    import importlib
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ImportError:
+        from .errors import MissingExtraError
+        raise MissingExtraError(f"baseline needs the {module!r} package: pip install 'metascale[{extra}]'") from None
+
+
+def _prodigy(params, lr: float) -> torch.optim.Optimizer:
+    """Prodigy (Mishchenko & Defazio): learning-rate free; ``lr`` = 1 is its intended value."""
+    return _extra("prodigyopt", "Prodigy", "baselines")(params, lr=lr)
+
+
+def _schedulefree_adamw(params, lr: float) -> torch.optim.Optimizer:
+    """Schedule-Free AdamW (Defazio et al.), in train mode; :func:`train_run` switches it to
+    eval mode (the averaged iterate) whenever it measures the validation loss."""
+    opt = _extra("schedulefree", "AdamWScheduleFree", "baselines")(params, lr=lr)
+    opt.train()
+    return opt
+
+
 BASELINES: dict[str, OptFactory] = {
     "sgd": lambda p, lr: torch.optim.SGD(p, lr=lr),
     "sgd_momentum": lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9),
     "adam": lambda p, lr: torch.optim.Adam(p, lr=lr),
+    "adafactor": lambda p, lr: torch.optim.Adafactor(p, lr=lr),
+    "prodigy": _prodigy,
+    "schedulefree_adamw": _schedulefree_adamw,
 }
+# learning-rate-free baselines run at this lr instead of a tuned one
+LR_FREE = {"prodigy": 1.0}
+DEFAULT_BASELINES = ("sgd", "sgd_momentum", "adam")
+
+
+def _set_mode(opt: torch.optim.Optimizer, mode: str) -> None:
+    """Switch an optimizer with train/eval modes (Schedule-Free) to ``mode``; no-op otherwise."""
+    fn = getattr(opt, mode, None)
+    if callable(fn):
+        fn()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +75,9 @@ class EvaluateConfig:
         steps: training steps ``T``; 0 means the meta-training horizon ``K``.
         tune_tasks: meta-train draws used to tune the baselines' learning rates.
         lr_min, lr_max, points_per_decade: the log grid of learning rates.
+        baselines: which of :data:`BASELINES` to run (learning rates tuned on the grid, except
+            the learning-rate-free ones in :data:`LR_FREE`); ``adafactor`` is torch's,
+            ``prodigy`` and ``schedulefree_adamw`` need ``pip install 'metascale[baselines]'``.
     """
 
     tasks: int = dataclasses.field(default=20, metadata=check("int", 1, 100_000))
@@ -47,6 +86,7 @@ class EvaluateConfig:
     lr_min: float = dataclasses.field(default=1e-4, metadata=check("float", 1e-10, 100.0))
     lr_max: float = dataclasses.field(default=1.0, metadata=check("float", 1e-10, 100.0))
     points_per_decade: int = dataclasses.field(default=2, metadata=check("int", 1, 20))
+    baselines: tuple = dataclasses.field(default=DEFAULT_BASELINES, metadata=check("str_list", choices=tuple(BASELINES)))
 
     def validate(self) -> None:
         """Raise ``ValueError`` if the grid is empty."""
@@ -76,6 +116,7 @@ def train_run(task: Task, make_opt, steps: int, device=None, train_loss=None) ->
     with torch.no_grad():
         curve.append(float(task.loss(model(task.x_val), task.y_val)))
     for t in range(steps):
+        _set_mode(opt, "train")
         x, y = task.train_batch(t)
         opt.zero_grad(set_to_none=True)
         pred = model(x)
@@ -85,6 +126,7 @@ def train_run(task: Task, make_opt, steps: int, device=None, train_loss=None) ->
             break
         loss.backward()
         opt.step()
+        _set_mode(opt, "eval")
         with torch.no_grad():
             v = float(task.loss(model(task.x_val), task.y_val))
         curve.append(v if math.isfinite(v) else math.inf)
@@ -147,29 +189,46 @@ def summarize(curves: dict[str, list[list[float]]], accuracies: dict[str, list] 
 
 def evaluate(learned: dict[str, OptFactory], spec, *, n_tasks: int | None = None,
              steps: int | None = None, seed: int = 0, device: torch.device | str | None = None,
-             progress: bool = True, losses: dict[str, tuple[str, Callable]] | None = None) -> dict:
+             progress: bool = True, losses: dict[str, tuple[str, Callable]] | None = None,
+             baselines: Iterable[str] | None = None) -> dict:
     """Compare ``learned`` optimizers (name -> factory ``(params, lr_multiplier)``) with the
     tuned baselines on held-out tasks of ``spec``; returns the JSON-able result.
+
+    ``baselines`` (default: the spec's ``[evaluate] baselines``) picks from :data:`BASELINES`;
+    each has its learning rate tuned on meta-train draws, except those in :data:`LR_FREE`.
+    A learned optimizer's horizon argument (e.g. the adaptive rule's ``total_steps``) should be
+    :func:`eval_steps` ``(spec, steps)``, the ``T`` used here.
 
     ``losses`` adds runs that train on a learned loss: name -> (optimizer name, loss), where the
     optimizer is a baseline (at its learning rate tuned on the task loss: "equal tuned step
     size") or a key of ``learned``. Every curve is the task's true validation loss."""
     cfg = spec.evaluate
     n = n_tasks or cfg.tasks
-    T = steps or cfg.steps or spec.inner.horizon
+    T = eval_steps(spec, steps)
     grid = cfg.grid()
+    baselines = list(cfg.baselines if baselines is None else baselines)
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise ValueError(f"unknown baseline {unknown[0]!r}; choose from {', '.join(BASELINES)}")
+    for b in baselines:  # a missing optional package fails now, not after an hour of tuning
+        if b in ("prodigy", "schedulefree_adamw"):
+            BASELINES[b]([torch.zeros(1, requires_grad=True)], 1e-3)
+    to_tune = [b for b in baselines if b not in LR_FREE]
     tune_tasks = tuning_tasks(spec, seed)
     test_tasks = spec.sampler("test", seed).tasks(n)
     result = {"spec": spec.name, "tasks": n, "steps": T, "seed": seed, "meta_train_horizon": spec.inner.horizon,
               "lr_grid": grid, "optimizers": {}}
     tuned = {}
     losses = losses or {}
-    names = list(BASELINES) + list(learned) + list(losses)
-    bar = tqdm(total=len(BASELINES) * len(grid) + len(names), desc="evaluate", disable=not progress, dynamic_ncols=True)
-    for name, factory in BASELINES.items():
-        best, scores = tune_lr(factory, tune_tasks, T, grid, device)
+    names = baselines + list(learned) + list(losses)
+    bar = tqdm(total=len(to_tune) * len(grid) + len(names), desc="evaluate", disable=not progress, dynamic_ncols=True)
+    for name in to_tune:
+        best, scores = tune_lr(BASELINES[name], tune_tasks, T, grid, device)
         tuned[name] = (best, scores)
         bar.update(len(grid))
+    for name in baselines:
+        if name in LR_FREE:
+            tuned[name] = (LR_FREE[name], {})
     curves, accs = {}, {}
     for name in names:
         opt_name, loss_fn = losses.get(name, (name, None))
@@ -188,8 +247,17 @@ def evaluate(learned: dict[str, OptFactory], spec, *, n_tasks: int | None = None
             result["optimizers"][name]["tuned_lr"] = tuned[opt_name][0]
     for name, (lr, scores) in tuned.items():
         result["optimizers"][name]["tuned_lr"] = lr
-        result["optimizers"][name]["tuning_median_final_loss"] = scores
+        if scores:
+            result["optimizers"][name]["tuning_median_final_loss"] = scores
+        else:
+            result["optimizers"][name]["lr_free"] = True
     return result
+
+
+def eval_steps(spec, steps: int | None = None) -> int:
+    """The training budget ``T`` of an evaluation: ``steps``, else the spec's ``[evaluate]
+    steps``, else its meta-training horizon."""
+    return steps or spec.evaluate.steps or spec.inner.horizon
 
 
 def format_table(result: dict) -> str:

@@ -62,7 +62,8 @@ def test_factors_match_the_formula():
     roles, depths = torch.tensor([1.0, -1.0], dtype=F64), torch.tensor([0.0, 1.0], dtype=F64)
     x = adaptive_features(g, p, v, g0, 0.25, roles, depths)
     lr = lambda m: 0.5 * torch.log(m + 1e-16)
-    assert torch.allclose(x[:, 0], lr(g)) and torch.allclose(x[:, 2], lr(g) - lr(v))
+    assert torch.allclose(x[:, 0], 0.1 * lr(g)) and torch.allclose(x[:, 1], 0.1 * lr(p))
+    assert torch.allclose(x[:, 2], lr(g) - lr(v))
     assert torch.allclose(x[:, 3], lr(v) - lr(g0)) and torch.all(x[:, 4] == 0.25)
     eta, s = adaptive_factors(net, x, cfg)
     for i in range(2):

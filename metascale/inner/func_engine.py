@@ -14,7 +14,12 @@ both engines compute the same numbers (to rounding). Unlike ``higher``, the stat
 steps is explicit (:class:`InnerState`), so a long unroll can be cut into windows: pass the
 returned ``state`` (optionally detached, which truncates the meta-gradient) to the next call.
 
-Speed: where ``s`` is constant over the run (``per_step = false``) or there is no momentum,
+The adaptive rule (:class:`~metascale.optim.AdaptiveConfig`) runs
+:func:`~metascale.optim.adaptive.adaptive_step` on all groups at once instead, and carries its
+per-group statistics in :attr:`InnerState.stats`; its ``fraction_done`` feature uses
+``total_steps``.
+
+Speed (static rule): where ``s`` is constant over the run (``per_step = false``) or there is no momentum,
 the rule depends on ``eta`` and ``s`` only through ``eta s`` (with ``b = s b'``:
 :math:`b'_t = \mu b'_{t-1} + g_t`, :math:`p_{t+1} = p_t - \eta_t s\, (b'_t \text{ or }
 g_t + \mu b'_t)`), so the group runs with step size ``eta_t s`` and scale 1 on ``b'``; the

@@ -28,7 +28,8 @@ from ..optim.groups import ROLES
 from ..losses import LossConfig, make_loss
 from .distributed import gather_in_task_order, my_tasks, world
 from .checkpoint import open_metrics, restore, run_identity, save_checkpoint, snapshot
-from ..optim.layerwise import LayerwiseConfig, init_meta
+from ..optim.layerwise import LayerwiseConfig
+from ..optim.rules import RULES, RuleConfig, init_rule_meta, rule_config, rule_name
 
 LEARN = ("optimizer", "loss", "both")
 
@@ -44,6 +45,9 @@ class MetaConfig:
         batch_size: tasks per meta-step.
         steps: meta-steps.
         lr: Adam step size on the (log-space) meta-parameters of the optimizer.
+        net_lr: Adam step size on the adaptive rule's network weights (``--rule adaptive*``); its
+            outputs feed back into the gradients it reads, and at 0.03 sine meta-training
+            diverged for tens of meta-steps (meta-gradient norms 1e5..1e8).
         loss_lr: Adam step size on the weights of a learned loss network (``--learn loss|both``);
             network weights need a smaller step than log step sizes (at 0.03 the digits loss
             drifted into a collapse, meta-loss 0.2 -> 2.2).
@@ -54,6 +58,7 @@ class MetaConfig:
     steps: int = dataclasses.field(default=200, metadata=check("int", 0, 10_000_000))
     lr: float = dataclasses.field(default=0.03, metadata=check("float", 1e-8, 10.0))
     loss_lr: float = dataclasses.field(default=1e-3, metadata=check("float", 1e-8, 10.0))
+    net_lr: float = dataclasses.field(default=3e-3, metadata=check("float", 1e-8, 10.0))
     clip: float = dataclasses.field(default=1.0, metadata=check("float", 0.0, 1e9))
 
 
@@ -82,13 +87,16 @@ class MetaResult:
 
     meta: dict[str, torch.Tensor]
     summary: dict
-    rule: LayerwiseConfig | None = None
+    rule: RuleConfig | None = None
     loss: torch.nn.Module | None = None
 
 
-def describe(meta: dict[str, torch.Tensor]) -> dict:
+def describe(meta: dict[str, torch.Tensor]) -> dict | None:
     """Learned step size and rescaling factor per (role, depth anchor), as nested lists
-    ``[role][anchor][step]`` of floats."""
+    ``[role][anchor][step]`` of floats (``None`` for the adaptive rule, whose factors depend on
+    the training state: ``metascale report`` traces them on a held-out task)."""
+    if "log_step_size" not in meta:
+        return None
     return {role: {"step_size": torch.exp(meta["log_step_size"][r]).tolist(),
                    "scale": torch.exp(meta["log_scale"][r]).tolist()} for r, role in enumerate(ROLES)}
 
@@ -105,7 +113,9 @@ def clipped_mean(sums: list[torch.Tensor], n: int, clip: float) -> tuple[list[to
 
 
 class MetaTrainer:
-    """Meta-train the layer-wise optimizer on a spec's meta-train distribution.
+    """Meta-train a learnable optimizer (``rule``: ``"layerwise"``, ``"adaptive"`` or
+    ``"adaptive-momentum"``, see :mod:`metascale.optim.rules`) and/or a learned loss on a spec's
+    meta-train distribution.
 
     Example::
 
@@ -115,7 +125,10 @@ class MetaTrainer:
 
     def __init__(self, spec: "Spec", *, seed: int = 0, device: str | torch.device | None = "auto",
                  meta_steps: int | None = None, progress: bool = True, learn: str = "optimizer",
-                 loss_config: LossConfig | None = None, inner_lr: float | None = None):
+                 loss_config: LossConfig | None = None, inner_lr: float | None = None, rule: str = "layerwise"):
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        self.rule = rule
         if learn not in LEARN:
             raise ValueError(f"learn must be one of {LEARN}, got {learn!r}")
         if learn == "loss" and inner_lr is None:
@@ -148,13 +161,14 @@ class MetaTrainer:
         learn_opt, learn_loss = self.learn in ("optimizer", "both"), self.learn in ("loss", "both")
         # learn='loss': the inner optimizer is plain SGD, i.e. the layer-wise rule at unit
         # meta-parameters without momentum (tests/test_optim.py proves the equality)
-        rule = spec.optimizer if learn_opt else LayerwiseConfig(init_lr=self.inner_lr, momentum=0.0, per_step=False)
-        meta = init_meta(rule, spec.inner.horizon, device=self.device)
+        rule = rule_config(spec, self.rule) if learn_opt else LayerwiseConfig(init_lr=self.inner_lr, momentum=0.0,
+                                                                              per_step=False)
+        meta = init_rule_meta(rule, spec.inner.horizon, seed=self.seed, device=self.device)
         loss_fn = make_loss(sampler.task(0).kind, self.loss_config, seed=self.seed).to(self.device) if learn_loss else None
         params, groups = [], []
         if learn_opt:
             params += [v.requires_grad_(True) for v in meta.values()]
-            groups.append({"params": list(meta.values()), "lr": cfg.lr})
+            groups.append({"params": list(meta.values()), "lr": cfg.lr if "log_step_size" in meta else cfg.net_lr})
         if learn_loss:
             params += list(loss_fn.parameters())
             groups.append({"params": list(loss_fn.parameters()), "lr": cfg.loss_lr})
@@ -228,7 +242,8 @@ class MetaTrainer:
                    "wall_time_s": round(time.time() - t0, 2),
                    "first_meta_loss": next((h for h in history if h is not None), None),
                    "final_meta_loss_avg_last_10pct": sum(tail) / len(tail) if tail else None,
-                   "torch_version": torch.__version__, "learn": self.learn}
+                   "torch_version": torch.__version__, "learn": self.learn,
+                   "rule": rule_name(rule) if learn_opt else None}
         if resume:
             summary["resumed_from_meta_step"] = start
         if loss_fn is not None:

@@ -13,12 +13,14 @@ and the feature vector (``\ell(x) = \tfrac12\log(x + \epsilon^2)``, a log RMS):
 
 .. math::
 
-    x = \big(\ell(m_t),\ \ell(q_t),\ \ell(m_t) - \ell(\hat v_t),\ \ell(\hat v_t) - \ell(m_0),\
+    x = \big(c\,\ell(m_t),\ c\,\ell(q_t),\ \ell(m_t) - \ell(\hat v_t),\ \ell(\hat v_t) - \ell(m_0),\
              \min(t/T, 1),\ \rho_g,\ d_g\big)
 
 (log gradient RMS; log parameter RMS; gradient RMS against its running average; running
 average against the first step's; fraction of training done; role ``+1`` matrix / ``-1``
-vector; relative depth). The network, shared across groups and layers,
+vector; relative depth). ``c = 0.1`` brings the two absolute log scales (``-18`` for a
+zero-initialised bias) to the order of the other features, so that one meta-step moves every
+weight's contribution by a similar amount. The network, shared across groups and layers,
 
 .. math::
 
@@ -28,7 +30,7 @@ vector; relative depth). The network, shared across groups and layers,
 gives the step size and rescaling factor, which drive the layer-wise update
 (:func:`~metascale.optim.layerwise.layerwise_update`): ``p -= eta * s * g`` without momentum,
 ``b = mu b + s g; p -= eta b`` with it. The linear path ``W_l`` can express per-layer
-normalised steps (``eta ~ RMS(P) / RMS(G)``, as LARS) exactly; the ``tanh`` layer adds
+normalised steps (``eta ~ RMS(P) / RMS(G)``, as LARS: ``W_l[0, :2] = (-1/c, 1/c)``) exactly; the ``tanh`` layer adds
 schedules and interactions. ``W_l``, ``W_2`` and ``b_2`` start at zero, so the untrained rule
 *is* ``torch.optim.SGD(lr=eta_0, momentum=mu)``; ``B`` bounds ``|log(eta/eta_0)|`` and
 ``|log s|``.
@@ -61,6 +63,7 @@ FEATURES = ("log_grad_rms", "log_param_rms", "grad_rms_vs_average", "average_vs_
             "fraction_done", "role", "depth")
 NET_NAMES = ("w1", "b1", "w2", "b2", "wl")
 EPS = 1e-8
+LOG_SCALE = 0.1  # c: the factor on the absolute log-RMS features
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +126,8 @@ def adaptive_features(g_ms: torch.Tensor, p_ms: torch.Tensor, v_hat: torch.Tenso
     """The ``(G, 7)`` feature matrix of the module doc, one row per group (differentiable)."""
     lg, lv = _log_rms(g_ms), _log_rms(v_hat)
     frac = torch.full_like(lg, min(max(fraction, 0.0), 1.0))
-    return torch.stack([lg, _log_rms(p_ms), lg - lv, lv - _log_rms(g0_ms), frac, roles, depths], dim=-1)
+    return torch.stack([LOG_SCALE * lg, LOG_SCALE * _log_rms(p_ms), lg - lv, lv - _log_rms(g0_ms), frac, roles,
+                        depths], dim=-1)
 
 
 def adaptive_factors(net: dict[str, torch.Tensor], features: torch.Tensor,
@@ -312,20 +316,26 @@ class DifferentiableAdaptive(higher.optim.DifferentiableOptimizer):
         firsts = [self.state[k][0] for k in live]
         t = firsts[0].get("step", 0)
         dtype, device = net["w1"].dtype, net["w1"].device
-        as_t = lambda key: torch.stack([torch.as_tensor(st[key], dtype=dtype, device=device) for st in firsts])
-        stats = AdaptiveStats(as_t("avg_sq_grad"), as_t("first_sq_grad")) if t > 0 else AdaptiveStats()
+        # the (G,) statistics live in one place during the unroll; a frozen optimizer's per-group
+        # floats (a run continued from a state_dict) are gathered once
+        stats = self.state[live[0]][0].get("stats")
+        if stats is None:
+            as_t = lambda key: torch.stack([torch.as_tensor(st[key], dtype=dtype, device=device) for st in firsts])
+            stats = AdaptiveStats(as_t("avg_sq_grad"), as_t("first_sq_grad")) if t > 0 else AdaptiveStats()
         infos = [GroupInfo(groups[k]["role"], groups[k]["layer"], groups[k]["num_layers"]) for k in live]
         bufs = [[self.state[k][i].get("momentum_buffer") for i in range(len(groups[k]["params"]))] for k in live]
         new_p, new_b, stats, eta, s = adaptive_step(
             net, config, infos, [groups[k]["params"] for k in live], [list(grouped_grads[k]) for k in live],
             bufs, stats, t, groups[0]["total_steps"])
+        eta, s = eta.detach(), s.detach()
         for j, k in enumerate(live):
             groups[k]["params"] = new_p[j]
-            groups[k]["last_step_size"], groups[k]["last_scale"] = eta[j].detach(), s[j].detach()
+            groups[k]["last_step_size"], groups[k]["last_scale"] = eta[j], s[j]
             for i, b in enumerate(new_b[j]):
                 if b is not None:
                     self.state[k][i]["momentum_buffer"] = b
-            firsts[j]["step"], firsts[j]["avg_sq_grad"], firsts[j]["first_sq_grad"] = t + 1, stats.v[j], stats.g0[j]
+            firsts[j]["step"] = t + 1
+        self.state[live[0]][0]["stats"] = stats
 
 
 higher.register_optim(AdaptiveOptimizer, DifferentiableAdaptive)
