@@ -176,12 +176,11 @@ def test_meta_train_export_and_load_end_to_end(tmp_path):
         restored.sampler("train", 0)
 
 
-def test_evaluate_and_adaptive_rule_accept_the_spec():
+def test_evaluate_accepts_the_spec():
+    """Baselines tuned on meta-train draws of the training taskset, run on the test taskset."""
     spec = small_spec()
     spec = dataclasses.replace(spec, evaluate=dataclasses.replace(spec.evaluate, tasks=2, tune_tasks=2, lr_min=0.01,
                                                                   lr_max=1.0, points_per_decade=1))
     out = evaluate({}, spec, device="cpu", progress=False)
     assert out["tasks"] == 2 and out["steps"] == 4
     assert all(math.isfinite(r["median_final_loss"]) for r in out["optimizers"].values())
-    res = metascale.MetaTrainer(spec, seed=0, device="cpu", progress=False, rule="adaptive").train()
-    assert res.summary["rule"] == "adaptive" and res.summary["skipped_tasks"] == 0
