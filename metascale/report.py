@@ -333,7 +333,8 @@ def plot_schedules(trace: ScheduleTrace, path: Path, *, title: str = "") -> Path
     handles, labels = axes[0].get_legend_handles_labels()
     layers = len({layer for layer, _ in trace.groups})
     fig.legend(handles, labels, loc="outside lower center", ncol=layers if layers <= 6 else 4, fontsize=8,
-               title="group: layer (relative depth) and role; solid, filled = matrix weights; dashed, open = vectors (biases)",
+               title="group: layer (relative depth) and role; "
+                     "solid, filled = matrix weights; dashed, open = vectors (biases)",
                title_fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
@@ -548,11 +549,6 @@ def heldout_table(evaluation: dict) -> str:
 def _summary_rows(run: RunData) -> list[tuple[str, str]]:
     s, recs = run.summary, run.records
     spec = run.spec or {}
-    if not s:  # no exported file: what metrics.jsonl tells
-        losses = [r["meta_loss"] for r in recs if r.get("meta_loss") is not None]
-        tail = [r["meta_loss"] for r in recs[-max(1, len(recs) // 10):] if r.get("meta_loss") is not None]
-        s = {"first_meta_loss": losses[0] if losses else None,
-             "final_meta_loss_avg_last_10pct": sum(tail) / len(tail) if tail else None}
     rows = [("spec", f"`{spec.get('name', '?')}`: {spec.get('description', '')}".strip()),
             ("family", f"`{(spec.get('family') or {}).get('name', '?')}`"),
             ("learned", s.get("learn", "optimizer" if run.optimizer else "loss" if run.loss else "?")),
@@ -562,13 +558,23 @@ def _summary_rows(run: RunData) -> list[tuple[str, str]]:
             ("seed", str(s.get("seed", "?"))),
             ("wall time", f"{s['wall_time_s']:.1f} s" if "wall_time_s" in s
              else f"{_num(recs[-1].get('elapsed_s'), '.1f')} s (from {METRICS})"),
-            ("meta-loss", f"{_num(s.get('first_meta_loss'))} (first) -> {_num(s.get('final_meta_loss_avg_last_10pct'))} "
-                          "(mean of the last 10%)" if "first_meta_loss" in s else "-"),
+            ("meta-loss (mean of the first / last 10% of meta-steps)", _meta_loss_text(recs)),
             ("skipped tasks", str(s.get("skipped_tasks", recs[-1].get("skipped_total", 0)))),
             ("device, torch", f"{s.get('device', '?')}, {s.get('torch_version', '?')}")]
     if "inner_lr" in s:
         rows.append(("inner SGD step size (learned loss)", f"{s['inner_lr']:.3g}"))
     return rows
+
+
+def _meta_loss_text(recs: list[dict]) -> str:
+    """Mean meta-loss over the first and the last tenth of the meta-steps (single meta-steps
+    are too noisy to compare: every one draws other tasks)."""
+    n = max(1, len(recs) // 10)
+
+    def mean(rs):
+        v = [r["meta_loss"] for r in rs if r.get("meta_loss") is not None]
+        return sum(v) / len(v) if v else None
+    return f"{_num(mean(recs[:n]))} -> {_num(mean(recs[-n:]))} ({n} meta-step{'s' if n > 1 else ''} each)"
 
 
 def _horizon_text(spec: dict) -> str:
@@ -602,7 +608,8 @@ HOW_TO_READ = (
     "better. Tasks differ in difficulty, so the spread across tasks (the bands: 25th-75th percentile, in the bottom "
     "panels that pair the learned optimizer with one baseline each) is wide; the top-right panel removes that by "
     "dividing, task by task (same tasks, same initial weights), the learned optimizer's final loss by each "
-    "baseline's: below the dashed line at 1 the learned optimizer is better on that task. \"Steps to Adam\" is the median number of steps the optimizer needs to reach tuned Adam's final loss "
+    "baseline's: below the dashed line at 1 the learned optimizer is better on that task. \"Steps to Adam\" is the "
+    "median number of steps the optimizer needs to reach tuned Adam's final loss "
     "on the same task (\"never\" when fewer than half the tasks reach it).")
 
 
@@ -611,7 +618,7 @@ def _describe_task(config: dict) -> str:
     not the digits family's image indices)."""
     parts = []
     for k, v in config.items():
-        if k in ("split", "seed", "index") or k.endswith("seed"):
+        if k in ("split", "seed", "index", "name") or k.endswith("seed"):
             continue
         if isinstance(v, float):
             parts.append(f"{k} {v:.3g}")
@@ -653,7 +660,13 @@ def make_report(run_dir: str | Path, out: str | Path | None = None, *, progress:
 
     bar.set_postfix_str("schedules")
     trace = None
-    if run.optimizer is not None:
+    from .spec import EXTERNAL
+    external = (spec.get("family") or {}).get("name") == EXTERNAL
+    if run.optimizer is not None and external:
+        notes.append(f"the tasks of this run were drawn outside metascale ({_describe_task(spec['family'])}): the "
+                     "report cannot draw a held-out task to trace the learned step sizes on; trace them on a model of "
+                     "yours: after each opt.step(), every param group holds last_step_size and last_scale")
+    elif run.optimizer is not None:
         seed = int(run.summary.get("seed", 0))
         trace = trace_schedules(run.optimizer, spec, seed=seed)
         task = _describe_task(trace.task)
@@ -672,12 +685,16 @@ def make_report(run_dir: str | Path, out: str | Path | None = None, *, progress:
 
     bar.set_postfix_str("held-out")
     spec_file = None
-    if run.spec is not None:
+    if run.spec is not None and not external:  # an external record is no spec a TOML file could draw from
         spec_file = out / f"{name}.toml"
         spec_file.write_text(f"# the spec stored in the exported file of {run.folder}\n" + spec_toml(run.spec),
                              encoding="utf-8")
     if run.evaluation is not None:
         images["heldout"] = plot_heldout(run.evaluation, out / IMAGES["heldout"])
+    elif external:
+        notes.append(f"no {EVAL} in {run.folder}: evaluate from Python with metascale.evaluate.evaluate on the "
+                     f"spec the tasks came from (metascale.interop), write its result to {run.folder / EVAL} "
+                     "as JSON and run `metascale report` again")
     elif run.spec is not None:
         notes.append(f"no {EVAL} in {run.folder}: the held-out comparison was not run. Produce it with "
                      f"`{_evaluate_command(run, spec_file)}` and run `metascale report` again")
@@ -685,7 +702,7 @@ def make_report(run_dir: str | Path, out: str | Path | None = None, *, progress:
 
     bar.set_postfix_str(MARKDOWN)
     path = out / MARKDOWN
-    path.write_text(_markdown(run, out, images, notes, spec_file, trace, md), encoding="utf-8")
+    path.write_text(_markdown(run, out, images, notes, spec_file, trace, md, external), encoding="utf-8")
     bar.update(1)
     bar.close()
     return Report(markdown=path, images=images, spec_file=spec_file, notes=notes)
@@ -699,14 +716,17 @@ def _rel(path: Path, base: Path) -> str:
 
 
 def _markdown(run: RunData, out: Path, images: dict[str, Path], notes: list[str], spec_file: Path | None,
-              trace: ScheduleTrace | None, md: dict[str, str]) -> str:
+              trace: ScheduleTrace | None, md: dict[str, str], external: bool = False) -> str:
     spec = run.spec or {}
     L = [f"# metascale report: {spec.get('name', run.folder.name)}", "",
          f"Run folder `{run.folder}`" + (f"; {spec.get('description')}" if spec.get("description") else "") + ".", ""]
     if notes:
         L += ["> **Missing pieces**", ">"] + [f"> - {n}" for n in notes] + [""]
     L += ["## Summary", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in _summary_rows(run)] + [""]
-    if run.spec is not None:
+    if external:
+        L += ["## Spec", "", "As stored in the exported file (tasks drawn outside metascale):", "",
+              "```json", json.dumps(run.spec, indent=1), "```", ""]
+    elif run.spec is not None:
         L += ["## Spec", "", f"As stored in the exported file (also written to `{_rel(spec_file, out)}`):", "",
               "```toml", spec_toml(run.spec).rstrip(), "```", ""]
     L += ["## Held-out results", ""]
@@ -717,6 +737,8 @@ def _markdown(run: RunData, out: Path, images: dict[str, Path], notes: list[str]
               f"meta-train tasks over a log grid of {len(ev.get('lr_grid', []))} rates; final validation loss "
               f"(from `{EVAL}`).", "", heldout_table(ev), "",
               f"![held-out comparison]({_rel(images['heldout'], out)})", ""]
+    elif external:
+        L += [f"**Not evaluated yet**: `{EVAL}` is missing from the run folder (see *Missing pieces* above).", ""]
     elif run.spec is not None:
         L += [f"**Not evaluated yet**: `{EVAL}` is missing from the run folder. Produce it with", "", "```bash",
               _evaluate_command(run, spec_file), "```", "", "then run `metascale report` again.", ""]
@@ -730,7 +752,8 @@ def _markdown(run: RunData, out: Path, images: dict[str, Path], notes: list[str]
               f"{md.get('schedules_task', '')}) for {T} steps with the exported optimizer, reading each group's "
               "`last_step_size` and `last_scale` after every `opt.step()`.", "",
               f"![learned schedules]({_rel(images['schedules'], out)})", "",
-              "| layer | role | step size eta (first -> last) | rescaling s (first -> last) | eta * s (first -> last) |",
+              "| layer | role | step size eta (first -> last) | rescaling s (first -> last) "
+              "| eta * s (first -> last) |",
               "|---:|---|---|---|---|"]
         for k, (layer, role) in enumerate(trace.groups):
             e, s = trace.step_size[:, k], trace.scale[:, k]
@@ -738,6 +761,6 @@ def _markdown(run: RunData, out: Path, images: dict[str, Path], notes: list[str]
                      f"| {e[0] * s[0]:.3g} -> {e[-1] * s[-1]:.3g} |")
         L.append("")
     else:
-        L += ["No learned optimizer in this run (see *Missing pieces* above).", ""]
+        L += ["Not plotted (see *Missing pieces* above).", ""]
     L += ["## How to read this", "", HOW_TO_READ, ""]
     return "\n".join(L)

@@ -182,7 +182,7 @@ def test_metrics_only_run_with_skipped_tasks(capsys, tmp_path):
     text = (folder / "report.md").read_text(encoding="utf-8")
     assert "| skipped tasks | 9 |" in text and "| wall time | 1.2 s (from metrics.jsonl) |" in text
     assert "no optimizer.safetensors or loss.safetensors" in text and "**Not evaluated**: there is no exported" in text
-    assert "| meta-loss | 1 (first) -> 0.08333 (mean of the last 10%) |" in text
+    assert "| meta-loss (mean of the first / last 10% of meta-steps) | 1 -> 0.08333 (1 meta-step each) |" in text
     assert out.count("note: ") == 1
 
 
@@ -200,6 +200,24 @@ def test_loss_only_run(capsys, tmp_path):
     assert f"metascale evaluate {folder / 'loss.safetensors'} --spec {folder / 'tiny.toml'}" in text
     assert_plot(folder / "meta_loss.png")
     assert not (folder / "schedules.png").exists()
+
+
+def test_tasks_drawn_outside_metascale(capsys, evaluated_run, tmp_path):
+    """A run on external tasks (metascale.interop): no held-out task to trace the schedules on
+    and no TOML spec to evaluate with; the report says so instead of failing."""
+    from metascale.export import save_optimizer
+    _, src = evaluated_run
+    exp = read_optimizer(src / "optimizer.safetensors")
+    folder = copy_run(src, tmp_path / "run", "eval.json", "optimizer.safetensors")
+    spec = dict(exp.spec, family={"name": "external", "source": "learn2learn", "support": None})
+    save_optimizer(folder / "optimizer.safetensors", exp.meta, exp.config, spec, exp.summary)
+    code, out, err = run(capsys, "report", folder, "--quiet")
+    assert code == 0, err
+    assert "drawn outside metascale (source learn2learn)" in out and "metascale.evaluate.evaluate" in out
+    assert sorted(p.name for p in folder.iterdir() if p.suffix in (".png", ".toml", ".md")) == \
+        ["meta_loss.png", "report.md"]
+    text = (folder / "report.md").read_text(encoding="utf-8")
+    assert '"source": "learn2learn"' in text and "metascale evaluate" not in text
 
 
 # --------------------------------------------------------------------------- errors
