@@ -230,6 +230,18 @@ def _annotation(a) -> str:
     return a.strip("'\"") if isinstance(a, str) else inspect.formatannotation(a)
 
 
+def _default(value) -> str:
+    """``repr`` of a default; a dataclass config shows only the fields that differ from its
+    class defaults (``LossConfig(kind='adaptive_scale')``), so adding a field to a config does
+    not change the signatures that merely use it."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fresh = type(value)()
+        diff = [f"{f.name}={getattr(value, f.name)!r}" for f in dataclasses.fields(value)
+                if f.init and getattr(value, f.name) != getattr(fresh, f.name)]
+        return f"{type(value).__name__}({', '.join(diff)})"
+    return repr(value)
+
+
 def _parameters(sig: inspect.Signature) -> str:
     parts, star = [], False
     params = list(sig.parameters.values())
@@ -243,7 +255,7 @@ def _parameters(sig: inspect.Signature) -> str:
         if p.annotation is not p.empty:
             text += f": {_annotation(p.annotation)}"
         if p.default is not p.empty:
-            text += (" = " if p.annotation is not p.empty else "=") + repr(p.default)
+            text += (" = " if p.annotation is not p.empty else "=") + _default(p.default)
         parts.append(text)
         if p.kind == p.POSITIONAL_ONLY and (i + 1 == len(params) or params[i + 1].kind != p.POSITIONAL_ONLY):
             parts.append("/")
