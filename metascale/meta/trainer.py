@@ -45,9 +45,10 @@ class MetaConfig:
         batch_size: tasks per meta-step.
         steps: meta-steps.
         lr: Adam step size on the (log-space) meta-parameters of the optimizer.
-        net_lr: Adam step size on the adaptive rule's network weights (``--rule adaptive*``); its
-            outputs feed back into the gradients it reads, and at 0.03 sine meta-training
-            diverged for tens of meta-steps (meta-gradient norms 1e5..1e8).
+        net_lr: Adam step size on the adaptive rule's network weights (``--rule adaptive*``)
+            except its output offsets (those take ``lr``); its outputs feed back into the
+            gradients it reads, and at 0.03 sine meta-training diverged for tens of meta-steps
+            (meta-gradient norms 1e5..1e8).
         loss_lr: Adam step size on the weights of a learned loss network (``--learn loss|both``);
             network weights need a smaller step than log step sizes (at 0.03 the digits loss
             drifted into a collapse, meta-loss 0.2 -> 2.2).
@@ -168,7 +169,12 @@ class MetaTrainer:
         params, groups = [], []
         if learn_opt:
             params += [v.requires_grad_(True) for v in meta.values()]
-            groups.append({"params": list(meta.values()), "lr": cfg.lr if "log_step_size" in meta else cfg.net_lr})
+            if "log_step_size" in meta:  # the static rule: log step sizes and scales
+                groups.append({"params": list(meta.values()), "lr": cfg.lr})
+            else:  # the adaptive rule: its output offsets b2 are log step size / scale like the static
+                # rule's (lr); the weights that read the features move slower (net_lr)
+                groups.append({"params": [meta["b2"]], "lr": cfg.lr})
+                groups.append({"params": [v for k, v in meta.items() if k != "b2"], "lr": cfg.net_lr})
         if learn_loss:
             params += list(loss_fn.parameters())
             groups.append({"params": list(loss_fn.parameters()), "lr": cfg.loss_lr})

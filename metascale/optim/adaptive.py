@@ -284,7 +284,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
             states = [self.state[p] for p in ps]
             foreach = group["foreach"]
             if foreach is None:
-                foreach = len(ps) > 1
+                foreach = True  # the foreach/fused kernels, also for one tensor (benchmarks/step_cost.py)
             step_size = group["lr"] * eta[k]
             _, bufs = layerwise_update(ps, [p.grad for p in ps], [st.get("momentum_buffer") for st in states],
                                        step_size=step_size, scale=s[k], momentum=group["momentum"],
