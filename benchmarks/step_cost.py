@@ -14,23 +14,24 @@ Optimizers: ``sgd_momentum``, ``adam`` (foreach), metascale's frozen ``adaptive`
 from ``tasks/sine.toml`` with untrained meta-parameters perturbed by N(0, 0.01^2) noise (the
 cost does not depend on the values).
 
+The metascale optimizers run as the library builds them: foreach kernels for every group, and
+the in-place heavy-ball update (momentum, no Nesterov: ``adaptive_momentum``, ``layerwise``)
+is one ``torch._fused_sgd_`` pass over (p, g, b) per group (:func:`layerwise_update`).
+
 Breakdown of the adaptive step (timed in the same rounds, on the adaptive optimizer's own
 tensors): ``norm_grads`` and ``norm_params`` (the two ``torch._foreach_norm`` reductions),
-``update`` (the in-place layer-wise update with the step's ``eta`` and ``s``, per variant),
-and the same step on a 16-wide copy of the MLP (``tiny_*``), where the whole step is the
-fixed per-step cost: Python, the per-group statistics and the tiny network.
-
-Proposal rows (``+fused``, not in the library): the same optimizers with the in-place
-heavy-ball update done by ``torch._fused_sgd_`` (:func:`fused_layerwise_update`, swapped in
-for the timed call); the script checks it gives the library's numbers.
+``update`` (:func:`layerwise_update` in place with the step's ``eta`` and ``s``, per variant,
+the same call the optimizer makes), and the same step on a 16-wide copy of the MLP
+(``tiny_*``), where the whole step is the fixed per-step cost: Python, the per-group
+statistics and the tiny network. The JSON records the 1-minute load average before and after.
 
     python benchmarks/step_cost.py [--width 1584] [--repeats 80] [--threads 1 0]
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+import os
 import platform
 import statistics
 import sys
@@ -39,76 +40,11 @@ from pathlib import Path
 
 import torch
 
-import metascale.optim.adaptive as adaptive_module
-import metascale.optim.layerwise as layerwise_module
 from metascale.optim import layerwise_update
 from optimizer_memory import ROOT, make_mlp, make_optimizer
 
 OPTIMIZERS = ("sgd_momentum", "adam", "adaptive", "adaptive_momentum", "layerwise")
-PROPOSALS = ("adaptive_momentum+fused", "layerwise+fused")
 BASE = "sgd_momentum"
-
-
-# ------------------------------------------------------------------ proposal, not in the library
-def fused_layerwise_update(params, grads, bufs, *, step_size, scale, momentum, nesterov, inplace, foreach=False):
-    """:func:`layerwise_update` with the in-place heavy-ball step done by ``torch._fused_sgd_``
-    (one pass over p, g, b instead of three): ``dampening = 1 - s`` makes its
-    ``b = mu b + (1 - dampening) g; p -= lr b`` exactly the rule's ``b = mu b + s g; p -= eta b``.
-    A fresh buffer starts at zero, so the first step gives ``b = s g`` as the rule does. Other
-    cases (no momentum, Nesterov, differentiable path) go to the library's function."""
-    live = [i for i, g in enumerate(grads) if g is not None]
-    if not inplace or momentum == 0 or nesterov or not live:
-        return layerwise_update(params, grads, bufs, step_size=step_size, scale=scale, momentum=momentum,
-                                nesterov=nesterov, inplace=inplace, foreach=foreach)
-    new_b = list(bufs)
-    for i in live:
-        if new_b[i] is None:
-            new_b[i] = torch.zeros_like(params[i])
-    torch._fused_sgd_([params[i] for i in live], [grads[i] for i in live], [new_b[i] for i in live],
-                      weight_decay=0.0, momentum=momentum, lr=float(step_size), dampening=1.0 - float(scale),
-                      nesterov=False, maximize=False, is_first_step=False)
-    return list(params), new_b
-
-
-class Patched:
-    """``opt.step()`` with ``layerwise_update`` replaced by :func:`fused_layerwise_update` in the
-    rule modules for the duration of the call."""
-
-    def __init__(self, opt):
-        self.opt = opt
-
-    def step(self):
-        with contextlib.ExitStack() as stack:
-            for mod in (adaptive_module, layerwise_module):
-                stack.enter_context(_swap(mod, "layerwise_update", fused_layerwise_update))
-            return self.opt.step()
-
-
-@contextlib.contextmanager
-def _swap(mod, name, value):
-    old = getattr(mod, name)
-    setattr(mod, name, value)
-    try:
-        yield
-    finally:
-        setattr(mod, name, old)
-
-
-def proposal_parity(width: int, steps: int = 4) -> dict:
-    """Largest difference of parameters and buffers between the library's step and the proposal
-    after ``steps`` steps from the same init and gradients (first step included)."""
-    out = {}
-    for name in ("adaptive_momentum", "layerwise"):
-        torch.manual_seed(2)
-        grads = [torch.randn_like(p) * 1e-3 for p in make_mlp(width).parameters()]
-        (a, pa), (b, pb) = build(name, width, grads), build(name, width, grads)
-        for _ in range(steps):
-            a.step()
-            Patched(b).step()
-        out[name] = {"max_abs_param_diff": max(float((x - y).detach().abs().max()) for x, y in zip(pa, pb)),
-                     "max_abs_buffer_diff": max(float((a.state[x]["momentum_buffer"] - b.state[y]["momentum_buffer"])
-                                                      .abs().max()) for x, y in zip(pa, pb))}
-    return out
 
 
 def build(name: str, width: int, grads: list[torch.Tensor] | None, seed: int = 0):
@@ -135,12 +71,12 @@ def adaptive_parts(opt) -> dict:
     grads = [p.grad for p in flat]
 
     @torch.no_grad()
-    def update():
+    def update():  # as AdaptiveOptimizer.step calls it (foreach None: the foreach/fused kernels)
         for g, ps in groups:
             states = [opt.state[p] for p in ps]
             layerwise_update(ps, [p.grad for p in ps], [st.get("momentum_buffer") for st in states],
                              step_size=g["last_step_size"], scale=g["last_scale"], momentum=g["momentum"],
-                             nesterov=g["nesterov"], inplace=True, foreach=len(ps) > 1)
+                             nesterov=g["nesterov"], inplace=True, foreach=g["foreach"] is not False)
 
     return {"norm_grads": lambda: torch._foreach_norm(grads), "norm_params": lambda: torch._foreach_norm(flat),
             "update": update}
@@ -158,9 +94,6 @@ def run_pass(width: int, threads: int, repeats: int, warmup: int, flush_mib: int
         opt, _ = build(name, width, grads)
         opts[name] = opt
         timed[name] = opt.step
-    for name in PROPOSALS:
-        opt, _ = build(name.split("+")[0], width, grads)
-        timed[name] = Patched(opt).step
     for name in ("adaptive", "adaptive_momentum"):
         for _ in range(warmup):
             opts[name].step()  # state and last_step_size exist before the parts are built
@@ -215,13 +148,13 @@ def main() -> None:
     args = ap.parse_args()
     default_threads = torch.get_num_threads()
     t_start = time.time()
-    parity = proposal_parity(64)
+    load_start = os.getloadavg()[0]
     passes = [run_pass(args.width, n or default_threads, args.repeats, args.warmup, args.flush_mib) for n in args.threads]
     for ps in passes:
         print(f"\n{ps['params'] / 1e6:.1f}M parameters, threads={ps['threads']}, {ps['repeats']} rounds (medians)")
         print(f"| optimizer | median step (ms) | IQR (ms) | ratio to SGD-momentum (of medians) | paired ratio |")
         print("|---|---|---|---|---|")
-        for k in OPTIMIZERS + PROPOSALS:
+        for k in OPTIMIZERS:
             r = ps["rows"][k]
             print(f"| {k} | {r['median_ms']:.2f} | {r['q25_ms']:.1f}-{r['q75_ms']:.1f} | "
                   f"{r['ratio_of_medians']:.3f} | {r['median_paired_ratio']:.3f} |")
@@ -231,10 +164,10 @@ def main() -> None:
         for name, parts in ps["breakdown_ms"].items():
             print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in parts.values()) + " |")
         print(f"tiny (16-wide) sgd_momentum step: {ps['rows']['tiny_sgd_momentum']['median_ms']:.3f} ms")
-    print(f"proposal (+fused) vs library step, after 4 steps on a 64-wide MLP: {parity}")
     result = {"command": " ".join(["python benchmarks/step_cost.py", *sys.argv[1:]]), "torch": torch.__version__,
-              "machine": platform.machine(), "default_threads": default_threads, "width": args.width,
-              "wall_s": round(time.time() - t_start, 1), "proposal_parity": parity, "passes": passes}
+              "machine": platform.machine(), "cpus": os.cpu_count(), "default_threads": default_threads,
+              "width": args.width, "wall_s": round(time.time() - t_start, 1),
+              "load_avg_1min": [load_start, os.getloadavg()[0]], "passes": passes}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out} ({result['wall_s']} s)")
