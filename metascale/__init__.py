@@ -9,11 +9,12 @@ Quick use of an exported optimizer::
 from .errors import CheckpointError, ExportFormatError, MetascaleError, MissingExtraError, SpecError
 from .export import load_loss, load_optimizer, read_optimizer, save_loss, save_optimizer
 from .meta import MetaTrainer
-from .optim import LayerwiseConfig, LayerwiseOptimizer
+from .optim import AdaptiveConfig, AdaptiveOptimizer, LayerwiseConfig, LayerwiseOptimizer
 from .spec import load_spec
 
 __version__ = "0.1.0"
 
 __all__ = ["load_loss", "save_loss", "ExportFormatError", "MetascaleError", "MissingExtraError", "SpecError", "load_optimizer",
            "read_optimizer", "save_optimizer", "MetaTrainer", "LayerwiseConfig", "LayerwiseOptimizer",
+           "AdaptiveConfig", "AdaptiveOptimizer",
            "load_spec", "__version__", "CheckpointError"]
