@@ -163,7 +163,7 @@ def _steps_to(curve: list[float], target: float) -> float:
 
 def summarize(curves: dict[str, list[list[float]]], accuracies: dict[str, list] | None = None) -> dict[str, dict]:
     """Per optimizer: median/IQR of final loss, steps to reach Adam's final loss, and the
-    median final validation accuracy (classification)."""
+    median final validation accuracy and the per-task accuracies (classification)."""
     adam_final = [c[-1] for c in curves["adam"]] if "adam" in curves else None
     out = {}
     for name, cs in curves.items():
@@ -183,6 +183,7 @@ def summarize(curves: dict[str, list[list[float]]], accuracies: dict[str, list] 
         accs = (accuracies or {}).get(name)
         if accs and accs[0] is not None:
             row["median_final_accuracy"] = float(np.median(accs))
+            row["final_accuracies"] = [float(a) for a in accs]
         out[name] = row
     return out
 

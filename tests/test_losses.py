@@ -10,6 +10,7 @@ from torch import nn
 
 import metascale
 from metascale.errors import ExportFormatError
+from metascale.export import read_loss
 from metascale.inner import unroll
 from metascale.losses import LossConfig, make_loss
 from metascale.optim import LayerwiseConfig, init_meta
@@ -17,7 +18,8 @@ from metascale.spec import load_spec
 from metascale.tasks import SineConfig, SineFamily, TaskSampler
 
 SPECS = Path(__file__).resolve().parent.parent / "tasks"
-KINDS = [("ml3", True), ("ml3", False), ("adaptive_scale", True), ("adaptive_scale", False)]
+KINDS = [("ml3", True, False), ("ml3", False, False), ("adaptive_scale", True, False), ("adaptive_scale", False, False),
+         ("ml3", True, True), ("adaptive_scale", True, True)]
 
 
 def model(n_in: int, n_out: int) -> nn.Module:
@@ -34,12 +36,12 @@ def data(kind: str):
 
 
 @pytest.mark.parametrize("task_kind", ["regression", "classification"])
-@pytest.mark.parametrize("kind, frac", KINDS)
-def test_init_is_exactly_the_task_loss_and_its_sgd_trajectory(task_kind, kind, frac):
+@pytest.mark.parametrize("kind, frac, scale_free", KINDS)
+def test_init_is_exactly_the_task_loss_and_its_sgd_trajectory(task_kind, kind, frac, scale_free):
     """At init the learned loss equals MSE / cross-entropy bitwise, and 50 SGD steps on it give
     bitwise the same parameters as 50 SGD steps on the task loss."""
     x, y, m1, m2 = data(task_kind)
-    loss = make_loss(task_kind, LossConfig(kind=kind, hidden=6, step_fraction=frac)).double()
+    loss = make_loss(task_kind, LossConfig(kind=kind, hidden=6, step_fraction=frac, scale_free=scale_free)).double()
     base = nn.MSELoss() if task_kind == "regression" else nn.CrossEntropyLoss()
     assert torch.equal(loss(m1(x), y, 0.3), base(m1(x), y))
     o1, o2 = torch.optim.SGD(m1.parameters(), lr=0.1), torch.optim.SGD(m2.parameters(), lr=0.1)
@@ -61,13 +63,34 @@ def perturb_(loss: nn.Module, seed: int = 3, sigma: float = 0.3) -> nn.Module:
     return loss
 
 
+@pytest.mark.parametrize("kind", ["ml3", "adaptive_scale"])
+def test_scale_free_regression_loss_scales_like_mse(kind):
+    """With ``scale_free`` (trained weights), measuring targets and predictions in other units
+    multiplies the loss by the square of the unit, as for MSE, and the gradient with respect to
+    the predictions by the unit; without it the learned part depends on the units."""
+    g = torch.Generator().manual_seed(5)
+    pred, y = torch.randn(9, 1, generator=g, dtype=torch.float64), torch.randn(9, 1, generator=g, dtype=torch.float64)
+    for scale_free in (True, False):
+        loss = perturb_(make_loss("regression", LossConfig(kind=kind, hidden=5, scale_free=scale_free)).double(), sigma=1.0)
+        for c in (0.01, 7.0):
+            p1, p2 = pred.clone().requires_grad_(), (c * pred).requires_grad_()
+            l1, l2 = loss(p1, y, 0.4), loss(p2, c * y, 0.4)
+            (g1,), (g2,) = torch.autograd.grad(l1, p1), torch.autograd.grad(l2, p2)
+            if scale_free:
+                assert float(l2.detach()) == pytest.approx(c ** 2 * float(l1.detach()), rel=1e-12)
+                assert torch.allclose(g2, c * g1, rtol=1e-10, atol=0)
+            else:
+                assert float(l2.detach()) != pytest.approx(c ** 2 * float(l1.detach()), rel=1e-3)
+
+
 def small_task():
     return TaskSampler(SineFamily(SineConfig(hidden=(5,), n_train=6, n_val=12)), "train", 2, 6).task(0)
 
 
-@pytest.mark.parametrize("kind", ["ml3", "adaptive_scale"])
-def test_meta_gradient_through_the_loss_network_gradcheck_float64(kind):
-    loss = perturb_(make_loss("regression", LossConfig(kind=kind, hidden=3)).double())
+@pytest.mark.parametrize("kind, scale_free", [("ml3", False), ("adaptive_scale", False), ("ml3", True),
+                                              ("adaptive_scale", True)])
+def test_meta_gradient_through_the_loss_network_gradcheck_float64(kind, scale_free):
+    loss = perturb_(make_loss("regression", LossConfig(kind=kind, hidden=3, scale_free=scale_free)).double())
     names = [n for n, _ in loss.named_parameters()]
     inputs = tuple(p.detach().clone().requires_grad_() for p in loss.parameters())
     rule = LayerwiseConfig(init_lr=0.05, momentum=0.0, per_step=False)
@@ -160,6 +183,29 @@ def test_bad_loss_files(tmp_path):
     save_file(bad, str(tmp_path / "s.safetensors"), metadata=meta)
     with pytest.raises(ExportFormatError, match="tensors"):
         metascale.load_loss(tmp_path / "s.safetensors")
+
+
+def test_loss_files_without_scale_free_load_as_raw_value_losses(tmp_path):
+    """A regression loss file written before ``scale_free`` existed (no key in its config) loads
+    with ``scale_free = False``, the inputs it was trained on; a new file keeps its setting."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    loss = perturb_(make_loss("regression", LossConfig(kind="adaptive_scale", hidden=4)))
+    new = metascale.save_loss(tmp_path / "new.safetensors", loss, {}, {})
+    assert read_loss(new).config.scale_free is True
+    with safe_open(str(new), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    old_config = {k: v for k, v in json.loads(meta["loss_config"]).items() if k != "scale_free"}
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={**meta, "loss_config": json.dumps(old_config)})
+    old = read_loss(tmp_path / "old.safetensors")
+    assert old.config == dataclasses.replace(loss.config, scale_free=False)
+    raw = dataclasses.replace(loss.config, scale_free=False)
+    ref = make_loss("regression", raw)
+    ref.load_state_dict(loss.state_dict())
+    x, y = torch.randn(7, 1), 3 * torch.randn(7, 1)
+    assert torch.equal(old.module(x, y, 0.5), ref(x, y, 0.5))
 
 
 def test_cli_learn_loss_and_both_then_evaluate(tmp_path, capsys):

@@ -71,7 +71,8 @@ def read_loss(path: str | Path) -> ExportedLoss:
     if not all(isinstance(v, dict) for v in parsed.values()):
         raise ExportFormatError(f"{path}: metadata values must be JSON objects")
     try:
-        config = from_table(LossConfig, parsed["loss_config"], "loss_config")
+        # files written before LossConfig.scale_free existed were trained on raw values
+        config = from_table(LossConfig, {"scale_free": False, **parsed["loss_config"]}, "loss_config")
     except SpecError as e:
         raise ExportFormatError(f"{path}: invalid {e}") from None
     if meta["task_kind"] not in ("regression", "classification"):

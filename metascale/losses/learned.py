@@ -6,21 +6,29 @@ validation data, never the learned loss.
 
 * :class:`ML3Loss` (Bechtle et al., "Meta-Learning via Learned Loss"):
 
-  .. math:: \ell_\phi(\hat y, y, \tau) = \ell_{\text{task}}(\hat y, y) + \operatorname{mean}_i\, h_\phi(u_i)
+  .. math:: \ell_\phi(\hat y, y, \tau) = \ell_{\text{task}}(\hat y, y) + \sigma^2 \operatorname{mean}_i\, h_\phi(u_i)
 
   with ``h_phi`` a small MLP (tanh hidden layer, zero-initialised output) applied to
-  per-element features ``u_i``: for regression ``(y_hat, y, y_hat - y, tau)`` per output; for
-  classification ``(log softmax_c, onehot_c, tau)`` per sample and class (any number of
-  classes), summed over classes. ``tau = t / K`` is the fraction of the inner run done.
+  per-element features ``u_i``: for regression ``(y_hat/sigma, y/sigma, (y_hat - y)/sigma, tau)``
+  per output; for classification ``(log softmax_c, onehot_c, tau)`` per sample and class (any
+  number of classes), summed over classes (``sigma = 1``). ``tau = t / K`` is the fraction of
+  the inner run done.
 * :class:`AdaptiveScaleLoss`, the bridge to loss scaling:
 
-  .. math:: \ell_\phi = L\,\exp\big(f_\phi(\log L, \tau)\big), \qquad L = \ell_{\text{task}}(\hat y, y)
+  .. math:: \ell_\phi = L\,\exp\big(f_\phi(\log (L/\sigma^2), \tau)\big), \qquad L = \ell_{\text{task}}(\hat y, y)
 
   Because the factor depends on the parameters only through the scalar ``L``, its gradient is
   the task gradient times a scalar,
   :math:`\nabla \ell_\phi = e^{f}\,(1 + \partial f/\partial \log L)\,\nabla L`: a learned
   step size that adapts to the loss value and the progress of training (no stop-gradient, so
   meta-gradients through the loss value are exact).
+
+``sigma`` (``LossConfig.scale_free``, the default) is the root mean square of the batch's
+regression targets, without gradient: the network sees predictions, targets and the loss in
+units of the targets' own scale, so a loss meta-trained on targets of one size reads the same
+inputs on targets of any other size, and the whole loss scales by ``c^2`` when targets and
+predictions are measured in units ``1/c`` (as MSE does; tested). With ``scale_free = False``
+(``sigma = 1``; files written before the option) the network sees raw values.
 """
 from __future__ import annotations
 
@@ -36,11 +44,18 @@ KINDS = ("ml3", "adaptive_scale")
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """The ``[loss]`` table: which learned loss, its hidden width, whether it sees ``t/K``."""
+    """The ``[loss]`` table: which learned loss, its hidden width, whether it sees ``t/K``, and
+    whether regression inputs are measured in units of the targets' scale (module doc)."""
 
     kind: str = dataclasses.field(default="ml3", metadata=check("str", choices=KINDS))
     hidden: int = dataclasses.field(default=32, metadata=check("int", 1, 4096))
     step_fraction: bool = dataclasses.field(default=True, metadata=check("bool"))
+    scale_free: bool = dataclasses.field(default=True, metadata=check("bool"))
+
+
+def _target_scale(target: torch.Tensor) -> torch.Tensor:
+    """``sigma = sqrt(mean(y^2))`` of the batch's regression targets (no gradient; floored)."""
+    return target.detach().pow(2).mean().sqrt().clamp_min(1e-6)
 
 
 def _base(task_kind: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -81,7 +96,9 @@ class ML3Loss(nn.Module):
         """The learned loss of a batch (a scalar)."""
         base = _base(self.task_kind, pred, target)
         if self.task_kind == "regression":
-            feats = [pred, target.expand_as(pred), pred - target]
+            sigma = _target_scale(target) if self.config.scale_free else None
+            u, v = (pred, target) if sigma is None else (pred / sigma, target / sigma)
+            feats = [u, v.expand_as(u), u - v]
         else:
             logp = torch.log_softmax(pred, dim=-1)
             onehot = nn.functional.one_hot(target, pred.shape[-1]).to(pred.dtype)
@@ -90,6 +107,8 @@ class ML3Loss(nn.Module):
             feats.append(torch.full_like(pred, float(step_fraction)))
         h = self.net(torch.stack(feats, dim=-1)).squeeze(-1)
         residual = h.mean() if self.task_kind == "regression" else h.sum(-1).mean()
+        if self.task_kind == "regression" and self.config.scale_free:
+            residual = sigma.pow(2) * residual
         return base + residual
 
 
@@ -114,7 +133,8 @@ class AdaptiveScaleLoss(nn.Module):
     def forward(self, pred: torch.Tensor, target: torch.Tensor, step_fraction: float = 0.0) -> torch.Tensor:
         """The scaled loss of a batch (a scalar)."""
         base = _base(self.task_kind, pred, target)
-        return base * torch.exp(self.log_scale(base, step_fraction))
+        seen = base / _target_scale(target).pow(2) if self.task_kind == "regression" and self.config.scale_free else base
+        return base * torch.exp(self.log_scale(seen, step_fraction))
 
 
 def make_loss(task_kind: str, config: LossConfig, seed: int = 0) -> nn.Module:
