@@ -54,15 +54,23 @@ def run_one(spec_path: Path, seed: int, rules: list[str], settings: list[str], o
     out_file = out_dir / f"{spec.name}_seed{seed}.json"
     if out_file.exists():
         return json.loads(out_file.read_text())
-    result = {"spec": spec.name, "seed": seed, "meta_train_s": {}, "settings": {}}
+    result = {"spec": spec.name, "seed": seed, "meta_train_s": {}, "meta_train": {}, "settings": {}}
     with tempfile.TemporaryDirectory() as d:
         paths = {}
         for rule in rules:
             t0 = time.time()
-            res = metascale.MetaTrainer(spec, seed=seed, device="cpu", progress=False, rule=rule).train()
+            metrics = Path(d) / f"{rule}.jsonl"
+            res = metascale.MetaTrainer(spec, seed=seed, device="cpu", progress=False, rule=rule).train(metrics)
             paths[rule] = metascale.save_optimizer(Path(d) / f"{rule}.safetensors", res.meta, res.rule,
                                                    spec.to_dict(), res.summary)
             result["meta_train_s"][rule] = round(time.time() - t0, 1)
+            recs = [json.loads(line) for line in metrics.read_text().splitlines()]
+            # per meta-step meta-loss and gradient norm, and the selection measures: for diagnosis
+            result["meta_train"][rule] = {
+                "meta_loss": [r["meta_loss"] for r in recs], "meta_grad_norm": [r["meta_grad_norm"] for r in recs],
+                "selection_loss": {r["meta_step"] + 1: r["selection_loss"] for r in recs
+                                   if r["selection_loss"] is not None},
+                "selected_meta_step": res.summary.get("selected_meta_step"), "skipped_tasks": res.summary["skipped_tasks"]}
         for setting in settings:
             s_spec, steps = variant(spec, setting)
             T = steps or s_spec.inner.horizon
@@ -84,17 +92,70 @@ def steps_cell(row: dict, T: int) -> str:
     return "never" if st is None else f"{int(st)}/{T}"
 
 
+def steps_of(results: dict, spec: str, setting: str, name: str, seeds: list[int]) -> list[float | None]:
+    """Median steps to Adam of ``name`` per seed (``None``: never)."""
+    out = []
+    for seed in seeds:
+        r = results.get(f"{spec}/seed{seed}", {}).get("settings", {}).get(setting)
+        out.append(None if r is None else r["optimizers"][name].get("median_steps_to_adam"))
+    return out
+
+
+def summary_tables(results: dict, rules: list[str]) -> str:
+    """The docs tables: steps to Adam per (family, setting) and seed, and the acceptance check
+    of each adaptive rule (median within T on every family; within T/2 on two)."""
+    specs = sorted({k.split("/")[0] for k in results}, key=lambda n: ["sine", "digits", "gaussian_mixture",
+                                                                     "teacher_mlp"].index(n) if n in
+                   ["sine", "digits", "gaussian_mixture", "teacher_mlp"] else 9)
+    seeds = sorted({int(k.split("seed")[1]) for k in results})
+    names = rules + ["schedulefree_adamw", "adafactor", "prodigy", "sgd_momentum"]
+    fmt = lambda v: "never" if v is None else f"{v:g}"
+    lines = ["| family | setting | T | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+    for spec in specs:
+        for setting in SETTINGS:
+            any_r = next((results[f"{spec}/seed{s}"]["settings"].get(setting) for s in seeds
+                          if f"{spec}/seed{s}" in results), None)
+            if any_r is None:
+                continue
+            cells = [" / ".join(fmt(v) for v in steps_of(results, spec, setting, n, seeds)) for n in names]
+            lines.append(f"| {spec} | {setting} | {any_r['steps']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for rule in rules:
+        for setting in SETTINGS:
+            within, half = [], []
+            for spec in specs:
+                T = next((results[f"{spec}/seed{s}"]["settings"][setting]["steps"] for s in seeds
+                          if setting in results.get(f"{spec}/seed{s}", {}).get("settings", {})), None)
+                if T is None:
+                    continue
+                st = steps_of(results, spec, setting, rule, seeds)
+                if all(v is not None and v <= T for v in st):
+                    within.append(spec)
+                if all(v is not None and v <= T / 2 for v in st):
+                    half.append(spec)
+            lines.append(f"- `{rule}`, {setting}: every seed within T on {len(within)}/{len(specs)} families "
+                         f"({', '.join(within) or '-'}); within T/2 on {len(half)} ({', '.join(half) or '-'})")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--specs", nargs="+", default=[str(ROOT / "tasks" / f"{n}.toml")
-                                                   for n in ("sine", "digits", "gaussian_mixture")])
+                                                   for n in ("sine", "digits", "gaussian_mixture", "teacher_mlp")])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     ap.add_argument("--jobs", type=int, default=2, help="parallel processes (1 torch thread each)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "adaptive.json"))
+    ap.add_argument("--summary", action="store_true",
+                    help="print the docs tables and acceptance check from the per-job files; run nothing")
     args = ap.parse_args()
     parts = Path(args.out).with_suffix("")
+    if args.summary:
+        results = {f"{r['spec']}/seed{r['seed']}": r for r in (json.loads(f.read_text())
+                                                                for f in sorted(parts.glob("*.json")))}
+        print(summary_tables(results, [r for r in args.rules if r != "layerwise"] + ["layerwise"]))
+        return
     parts.mkdir(parents=True, exist_ok=True)
     from concurrent.futures import ProcessPoolExecutor
     jobs = [(Path(s), seed) for seed in args.seeds for s in args.specs]  # every family early
@@ -119,6 +180,7 @@ def main() -> None:
                 acc = f", acc {row['median_final_accuracy']:.3f}" if "median_final_accuracy" in row else ""
                 cells.append(f"{row['median_final_loss']:.4g} ({steps_cell(row, T)}{acc})")
             print(f"| {key} | {T} | " + " | ".join(cells) + " |")
+    print("\n" + summary_tables(results, [r for r in args.rules if r != "layerwise"] + ["layerwise"]))
     print(f"\nwrote {args.out}")
 
 

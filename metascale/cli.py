@@ -186,6 +186,15 @@ def cmd_info(args: argparse.Namespace) -> int:
         print("linear path (log step size, log rescaling factor) per feature:")
         for j, f in enumerate(FEATURES):
             print(f"  {f:<20} {wl[0, j]:+.3f} {wl[1, j]:+.3f}")
+        if "table" in exp.meta:
+            tab, (bins, n) = exp.meta["table"], exp.meta["table"].shape[2:]
+            cols = sorted({round(i * (n - 1) / 4) for i in range(5)})
+            print("offset table: step-size multiplier exp(S_eta) x rescaling factor exp(S_s) by role and depth, "
+                  f"at steps {', '.join(map(str, cols))} (of {n}; the last is held after):")
+            for r, role in enumerate(ROLES):
+                for b in range(bins):
+                    m = torch.exp(tab[0, r, b] + tab[1, r, b])
+                    print(f"  {role:<6} depth {b / max(bins - 1, 1):.2f}: " + ", ".join(f"{float(m[c]):.3g}" for c in cols))
         return 0
     bins = exp.meta["log_step_size"].shape[1]
     print(f"learned schedules over {exp.horizon} step(s) (step size eta, rescaling factor s; effective eta*s):")

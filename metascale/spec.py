@@ -5,7 +5,8 @@ A spec has these tables (every key optional except ``family.name``)::
     description = "one line shown by `metascale tasks`"
     [family]     name = "sine", then the family's own ranges (see its config dataclass)
     [inner]      steps (K), batch_size, objective, engine, windows -> InnerConfig
-    [meta]       batch_size, steps, lr, net_lr, loss_lr, clip -> MetaConfig
+    [meta]       batch_size, steps, lr, net_lr, loss_lr, clip, task_clip, select_every,
+                 select_tasks -> MetaConfig
     [optimizer]  init_lr, momentum, nesterov, per_step, depth_bins -> LayerwiseConfig (--rule layerwise)
     [adaptive]   init_lr, momentum, nesterov, hidden, beta, bound  -> AdaptiveConfig (--rule adaptive[-momentum])
     [evaluate]   tasks, steps, tune_tasks, lr_min, lr_max, points_per_decade -> EvaluateConfig

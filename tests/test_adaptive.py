@@ -18,6 +18,7 @@ from metascale.inner.func_engine import unroll_func
 from metascale.inner.higher_engine import unroll
 from metascale.optim import AdaptiveConfig, AdaptiveOptimizer, adaptive_factors, adaptive_features
 from metascale.optim.adaptive import NET_NAMES, differentiable_override, init_net, net_shapes
+from metascale.optim.groups import anchor_weights
 from metascale.optim.rules import frozen_optimizer, init_rule_meta, rule_config
 from metascale.spec import load_spec
 from metascale.tasks import SineConfig, SineFamily, TaskSampler
@@ -58,22 +59,33 @@ def test_untrained_rule_is_sgd(cfg):
 
 
 def test_factors_match_the_formula():
-    cfg = AdaptiveConfig(init_lr=0.1, hidden=3, bound=2.0)
+    cfg = AdaptiveConfig(init_lr=0.1, hidden=3, bound=2.0, table_steps=6, depth_bins=3)
     net = random_net(cfg, spread=1.0)
-    g, p, v, g0 = (torch.tensor([0.5, 2.0], dtype=F64), torch.tensor([1.0, 0.1], dtype=F64),
-                   torch.tensor([0.4, 3.0], dtype=F64), torch.tensor([1.0, 1.0], dtype=F64))
-    roles, depths = torch.tensor([1.0, -1.0], dtype=F64), torch.tensor([0.0, 1.0], dtype=F64)
-    x = adaptive_features(g, p, v, g0, 0.25, roles, depths)
+    g, p, v, g0 = (torch.tensor([0.5, 2.0, 0.1], dtype=F64), torch.tensor([1.0, 0.1, 3.0], dtype=F64),
+                   torch.tensor([0.4, 3.0, 0.2], dtype=F64), torch.tensor([1.0, 1.0, 0.5], dtype=F64))
+    roles, depths = torch.tensor([1.0, -1.0, 1.0], dtype=F64), torch.tensor([0.0, 1.0, 0.3], dtype=F64)
+    x = adaptive_features(g, p, v, g0, 0.33, roles, depths)
     lr = lambda m: 0.5 * torch.log(m + 1e-16)
     assert torch.allclose(x[:, 0], 0.1 * lr(g)) and torch.allclose(x[:, 1], 0.1 * lr(p))
     assert torch.allclose(x[:, 2], lr(g) - lr(v))
-    assert torch.allclose(x[:, 3], lr(v) - lr(g0)) and torch.all(x[:, 4] == 0.25)
-    eta, s = adaptive_factors(net, x, cfg)
-    for i in range(2):
+    assert torch.allclose(x[:, 3], lr(v) - lr(g0)) and torch.all(x[:, 4] == 0.33)
+    for step in (0, 4, 5, 9):  # the table's last step (5) is held after it
+        eta, s = adaptive_factors(net, x, cfg, step)
+        check_factors(net, x, eta, s, roles, depths, min(step, 5))
+    assert (torch.log(eta / 0.1).abs() <= 2).all() and (torch.log(s).abs() <= 2).all()
+    no_table = AdaptiveConfig(init_lr=0.1, hidden=3, bound=2.0, table_steps=0)
+    assert "table" not in init_net(no_table) and set(net_shapes(no_table)) == set(NET_NAMES)
+
+
+def check_factors(net, x, eta, s, roles, depths, column):
+    for i in range(3):
         r = net["wl"] @ x[i] + net["w2"] @ torch.tanh(net["w1"] @ x[i] + net["b1"]) + net["b2"]
+        # the offset table, read with the static rule's anchor interpolation in depth and in time
+        role = 0 if roles[i] > 0 else 1
+        wd = anchor_weights(float(depths[i]), 3)
+        r = r + sum(wd[b] * net["table"][:, role, b, column] for b in range(3))
         assert eta[i].item() == pytest.approx(0.1 * torch.exp(2 * torch.tanh(r[0] / 2)).item(), rel=1e-12)
         assert s[i].item() == pytest.approx(torch.exp(2 * torch.tanh(r[1] / 2)).item(), rel=1e-12)
-    assert (torch.log(eta / 0.1).abs() <= 2).all() and (torch.log(s).abs() <= 2).all()
 
 
 @pytest.mark.parametrize("cfg", VARIANTS, ids=IDS)
@@ -132,15 +144,16 @@ def test_windows_compose_into_one_unroll(cfg):
 
 @pytest.mark.parametrize("cfg", VARIANTS[:2], ids=IDS[:2])
 def test_meta_gradient_gradcheck(cfg):
-    cfg = AdaptiveConfig(init_lr=0.05, momentum=cfg.momentum, hidden=2)
+    cfg = AdaptiveConfig(init_lr=0.05, momentum=cfg.momentum, hidden=2, table_steps=2, depth_bins=2)
     task = small_task(2)
     base = random_net(cfg, seed=3)
+    names = list(base)  # the network and the offset table
 
     def f(*tensors):
-        net = dict(zip(NET_NAMES, tensors))
+        net = dict(zip(names, tensors))
         return unroll(task, net, cfg, 3, objective="log_mean").meta_loss
 
-    inputs = tuple(base[k].clone().requires_grad_() for k in NET_NAMES)
+    inputs = tuple(base[k].clone().requires_grad_() for k in names)
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
@@ -210,7 +223,8 @@ def test_export_round_trip_and_validation(tmp_path):
     path = save_optimizer(tmp_path / "a.safetensors", net, cfg, spec.to_dict(), {"meta_steps": 1})
     exp = read_optimizer(path)
     assert exp.rule == "adaptive" and exp.config == cfg and exp.horizon == spec.inner.horizon
-    for k in NET_NAMES:
+    assert sorted(exp.meta) == sorted(net) and "table" in net
+    for k in net:
         assert torch.equal(exp.meta[k], net[k])
     # loads onto architectures it never saw, as a drop-in optimizer
     for sizes in ((3, 8, 2), (3, 32, 32, 32, 2)):
@@ -243,6 +257,13 @@ def test_export_round_trip_and_validation(tmp_path):
               metadata=meta)
     with pytest.raises(ExportFormatError, match="expected exactly"):
         read_optimizer(tmp_path / "d.safetensors")
+    # a file from before the offset table (no 'table_steps' in its config) reads as table_steps = 0
+    save_file({k: net[k] for k in NET_NAMES}, str(tmp_path / "e.safetensors"), metadata=meta)
+    old = read_optimizer(tmp_path / "e.safetensors")
+    assert old.config.table_steps == 0 and sorted(old.meta) == sorted(NET_NAMES)
+    save_optimizer(tmp_path / "f.safetensors", dict(net, table=torch.zeros(2, 2, 3, 5)), cfg, spec.to_dict(), {})
+    with pytest.raises(ExportFormatError, match="'table' has shape"):
+        read_optimizer(tmp_path / "f.safetensors")
 
 
 def test_frozen_optimizer_dispatch():

@@ -250,7 +250,9 @@ def test_malformed_toml(capsys, tmp_path):
 def test_unknown_key(capsys, tmp_path):
     spec = tiny_spec(tmp_path, meta={"learning_rate": 0.1})
     assert_error(capsys, ["meta-train", "--spec", spec, "--out", tmp_path / "run"],
-                 "[meta]", "unknown key 'learning_rate'", "allowed keys: batch_size, steps, lr, loss_lr, net_lr, clip")
+                 "[meta]", "unknown key 'learning_rate'",
+                 "allowed keys: batch_size, steps, lr, loss_lr, net_lr, clip, task_clip, select_every, "
+                 "select_tasks")
 
 
 @pytest.mark.parametrize("table,key,value,needle", [

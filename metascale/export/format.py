@@ -2,7 +2,10 @@
 
 Tensors: the rule's meta-parameters, unconstrained: ``log_step_size`` and ``log_scale`` of
 shape ``(roles, depth_bins, S)`` for the layer-wise rule; the shared network's ``w1``, ``b1``,
-``w2``, ``b2``, ``wl`` (:func:`~metascale.optim.adaptive.net_shapes`) for the adaptive rule.
+``w2``, ``b2``, ``wl`` and, when ``table_steps > 0``, the offset ``table``
+(:func:`~metascale.optim.adaptive.net_shapes`) for the adaptive rule. An adaptive file whose
+``rule_config`` has no ``table_steps`` (written before the table existed) reads as
+``table_steps = 0``.
 Metadata (string -> string, JSON values):
 
 =================  ==========================================================
@@ -36,7 +39,7 @@ from safetensors.torch import save_file
 from ..config import from_table, to_dict
 from ..errors import ExportFormatError, SpecError
 from ..optim.groups import MAPPING_RULE, ROLES
-from ..optim.adaptive import NET_NAMES, AdaptiveConfig, net_shapes
+from ..optim.adaptive import AdaptiveConfig, net_shapes
 from ..optim.layerwise import META_NAMES, LayerwiseConfig
 from ..optim.rules import RuleConfig, frozen_optimizer
 
@@ -44,7 +47,6 @@ FORMAT = "metascale.optimizer"
 FORMAT_VERSION = "1"
 RULES = ("layerwise", "adaptive")
 _CONFIGS = {"layerwise": LayerwiseConfig, "adaptive": AdaptiveConfig}
-_TENSORS = {"layerwise": META_NAMES, "adaptive": NET_NAMES}
 _KEYS = ("format", "format_version", "rule", "rule_config", "group_mapping", "spec", "summary")
 
 
@@ -69,6 +71,10 @@ class ExportedOptimizer:
         return int(self.meta["log_step_size"].shape[-1])
 
 
+def _tensor_names(rule: str, config: RuleConfig) -> tuple[str, ...]:
+    return tuple(net_shapes(config)) if rule == "adaptive" else META_NAMES
+
+
 def save_optimizer(path: str | Path, meta: dict[str, torch.Tensor], config: RuleConfig,
                    spec: dict, summary: dict) -> Path:
     """Write meta-parameters and metadata to ``path`` (parent folders are created); the rule
@@ -76,7 +82,7 @@ def save_optimizer(path: str | Path, meta: dict[str, torch.Tensor], config: Rule
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rule = "adaptive" if isinstance(config, AdaptiveConfig) else "layerwise"
-    tensors = {k: meta[k].detach().cpu().float().contiguous() for k in _TENSORS[rule]}
+    tensors = {k: meta[k].detach().cpu().float().contiguous() for k in _tensor_names(rule, config)}
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "rule": rule,
                 "rule_config": json.dumps(to_dict(config)), "group_mapping": json.dumps(MAPPING_RULE),
                 "spec": json.dumps(spec), "summary": json.dumps(summary)}
@@ -145,8 +151,11 @@ def read_optimizer(path: str | Path) -> ExportedOptimizer:
     rule = meta_str["rule"]
     if rule not in RULES:
         raise ExportFormatError(f"{path}: unknown rule {rule!r}; this metascale knows {', '.join(RULES)}")
+    stored = _json(meta_str, "rule_config", path)
+    if rule == "adaptive":  # files written before the offset table existed have none
+        stored.setdefault("table_steps", 0)
     try:
-        config = from_table(_CONFIGS[rule], _json(meta_str, "rule_config", path), "rule_config")
+        config = from_table(_CONFIGS[rule], stored, "rule_config")
     except SpecError as e:
         raise ExportFormatError(f"{path}: invalid {e}") from None
     spec, summary, mapping = (_json(meta_str, k, path) for k in ("spec", "summary", "group_mapping"))
@@ -157,7 +166,7 @@ def read_optimizer(path: str | Path) -> ExportedOptimizer:
         raise ExportFormatError(f"invalid {e}") from None
     if mapping != MAPPING_RULE:
         raise ExportFormatError(f"{path}: group mapping rule differs from this metascale's (file tampered with?)")
-    names = _TENSORS[rule]
+    names = _tensor_names(rule, config)
     if set(tensors) != set(names):
         raise ExportFormatError(f"{path}: tensors {sorted(tensors)}; expected exactly {list(names)}")
     for k, t in tensors.items():
@@ -169,7 +178,7 @@ def read_optimizer(path: str | Path) -> ExportedOptimizer:
         for k, want in net_shapes(config).items():
             if tuple(tensors[k].shape) != want:
                 raise ExportFormatError(f"{path}: tensor {k!r} has shape {tuple(tensors[k].shape)}; expected {want} "
-                                        f"(hidden = {config.hidden})")
+                                        f"(hidden = {config.hidden}, table_steps = {config.table_steps}, depth_bins = {config.depth_bins})")
     else:
         _check_layerwise(path, tensors, config)
     return ExportedOptimizer(meta=tensors, rule=rule, config=config, spec=spec, summary=summary,

@@ -24,6 +24,8 @@ seen; on resume the records from the checkpoint's meta-step on are cut off and r
                             ``exp_avg_sq``; absent before Adam's first step
 ``history``                 float64 ``(step,)``: the mean meta-loss of each meta-step done,
                             NaN where every task of the meta-step was skipped
+``best.<name>``             the best meta-parameters so far by the selection measure
+                            (``[meta] select_every``; only when selecting)
 ``rng.torch``               ``torch.get_rng_state()`` (uint8)
 ``rng.cuda.<d>``            ``torch.cuda.get_rng_state_all()[d]``, when training on CUDA
 ==========================  ==============================================================
@@ -38,7 +40,8 @@ seen; on resume the records from the checkpoint's meta-step on are cut off and r
                       ``learn``, ``rule`` and ``rule_config``, ``loss_config`` (or null),
                       ``inner_lr`` (or null)
 ``progress``          ``step`` (meta-steps done), ``skipped`` (tasks skipped so far),
-                      ``elapsed_s`` (wall time so far), ``device``
+                      ``elapsed_s`` (wall time so far), ``device``; when selecting,
+                      ``best_step`` and ``best_loss`` of the ``best.*`` tensors
 ``torch_version``     the writer's torch version (informational)
 ``digest``            SHA-256 over every other metadata entry and every tensor's name,
                       dtype, shape and bytes (:func:`checkpoint_digest`)
@@ -80,6 +83,7 @@ FORMAT_VERSION = "1"
 _KEYS = ("format", "format_version", "run", "progress", "torch_version", "digest")
 _RUN_KEYS = ("spec", "seed", "learn", "rule", "rule_config", "loss_config", "inner_lr")
 _PROGRESS_KEYS = ("step", "skipped", "elapsed_s", "device")
+_BEST_KEYS = ("best_step", "best_loss")  # progress keys present only when selecting
 _ADAM_KEYS = ("step", "exp_avg", "exp_avg_sq")
 _COSMETIC = ("name", "description")  # spec entries a resume need not match
 _LEARN = ("optimizer", "loss", "both")
@@ -100,6 +104,8 @@ class Checkpoint:
         loss: the learned loss network's ``state_dict`` (empty unless learned).
         adam: Adam's state per parameter name (``"meta.<name>"``/``"loss.<name>"``).
         rng: ``"torch"`` and ``"cuda.<d>"`` generator states.
+        best: ``(meta-step, selection loss, meta-parameters)`` of the best selection measure
+            so far (``[meta] select_every``), else ``None``.
     """
 
     run: dict
@@ -112,6 +118,7 @@ class Checkpoint:
     loss: dict[str, torch.Tensor]
     adam: dict[str, dict[str, torch.Tensor]]
     rng: dict[str, torch.Tensor]
+    best: tuple[int, float, dict[str, torch.Tensor]] | None = None
 
 
 # --------------------------------------------------------------------------- capture / restore
@@ -146,8 +153,9 @@ def rng_state(device: torch.device | str) -> dict[str, torch.Tensor]:
 
 def snapshot(run: dict, step: int, skipped: int, history: list[float | None], elapsed_s: float,
              meta: dict[str, torch.Tensor], loss_fn: torch.nn.Module | None, adam: torch.optim.Optimizer,
-             device: torch.device | str) -> Checkpoint:
-    """A :class:`Checkpoint` of the trainer's state after ``step`` meta-steps (CPU copies)."""
+             device: torch.device | str, best: tuple[float, int, dict] | None = None) -> Checkpoint:
+    """A :class:`Checkpoint` of the trainer's state after ``step`` meta-steps (CPU copies);
+    ``best`` is the trainer's ``(selection loss, meta-step, meta-parameters)``."""
     def cpu(t: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(t).detach().to("cpu", copy=True)
     names = _param_names(adam, meta, loss_fn)
@@ -157,7 +165,9 @@ def snapshot(run: dict, step: int, skipped: int, history: list[float | None], el
                       meta={k: cpu(v) for k, v in meta.items()},
                       loss={} if loss_fn is None else {k: cpu(v) for k, v in loss_fn.state_dict().items()},
                       adam={names[i]: {k: cpu(v) for k, v in s.items()} for i, s in state.items()},
-                      rng=rng_state(device))
+                      rng=rng_state(device),
+                      best=None if best is None else (int(best[1]), float(best[0]),
+                                                       {k: cpu(v) for k, v in best[2].items()}))
 
 
 def _show(v: Any) -> str:
@@ -260,6 +270,8 @@ def _tensors(ck: Checkpoint) -> dict[str, torch.Tensor]:
     out.update({f"adam.{p}.{k}": v for p, s in ck.adam.items() for k, v in s.items()})
     out["history"] = torch.tensor([math.nan if h is None else h for h in ck.history], dtype=torch.float64)
     out.update({f"rng.{k}": v for k, v in ck.rng.items()})
+    if ck.best is not None:
+        out.update({f"best.{k}": v for k, v in ck.best[2].items()})
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
 
@@ -269,9 +281,11 @@ def save_checkpoint(path: str | Path, ck: Checkpoint, *, metrics: IO | None = No
     ``fsync``-ed first, so that it never lags behind the checkpoint."""
     path = Path(path)
     tensors = _tensors(ck)
+    progress = {"step": ck.step, "skipped": ck.skipped, "elapsed_s": round(ck.elapsed_s, 3), "device": ck.device}
+    if ck.best is not None:
+        progress.update(best_step=ck.best[0], best_loss=ck.best[1])
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "run": json.dumps(ck.run),
-                "progress": json.dumps({"step": ck.step, "skipped": ck.skipped, "elapsed_s": round(ck.elapsed_s, 3),
-                                        "device": ck.device}),
+                "progress": json.dumps(progress),
                 "torch_version": torch.__version__}
     metadata["digest"] = checkpoint_digest(tensors, metadata)
     data = serialise(tensors, metadata)
@@ -341,7 +355,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if missing or extra:
         raise CheckpointError(f"{path}: metadata keys {'missing ' + str(missing) if missing else ''}"
                               f"{' unexpected ' + str(extra) if extra else ''}")
-    groups: dict[str, dict[str, torch.Tensor]] = {"meta": {}, "loss": {}, "adam": {}, "rng": {}}
+    groups: dict[str, dict[str, torch.Tensor]] = {"meta": {}, "loss": {}, "adam": {}, "rng": {}, "best": {}}
     for name, t in tensors.items():
         prefix, _, key = name.partition(".")
         if name != "history" and (prefix not in groups or not key):
@@ -362,9 +376,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     run, progress = _json_object(meta_str, "run", path), _json_object(meta_str, "progress", path)
     if sorted(run) != sorted(_RUN_KEYS):
         raise CheckpointError(f"{path}: metadata 'run' has keys {sorted(run)}; expected {sorted(_RUN_KEYS)}")
-    if sorted(progress) != sorted(_PROGRESS_KEYS):
+    if sorted(progress) not in (sorted(_PROGRESS_KEYS), sorted(_PROGRESS_KEYS + _BEST_KEYS)):
         raise CheckpointError(f"{path}: metadata 'progress' has keys {sorted(progress)}; "
-                              f"expected {sorted(_PROGRESS_KEYS)}")
+                              f"expected {sorted(_PROGRESS_KEYS)} (and {list(_BEST_KEYS)} when selecting)")
     step, skipped, elapsed = progress["step"], progress["skipped"], progress["elapsed_s"]
     if not (_is_int(step) and _is_int(skipped) and _is_num(elapsed) and elapsed >= 0
             and isinstance(progress["device"], str)):
@@ -395,7 +409,17 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if not groups["meta"] or bool(groups["loss"]) != (learn != "optimizer"):
         raise CheckpointError(f"{path}: tensors do not fit learn = {learn!r} (meta {sorted(groups['meta'])}, "
                               f"loss {sorted(groups['loss'])})")
-    for group in ("meta", "loss"):
+    best = None
+    if "best_step" in progress or groups["best"]:
+        b_step, b_loss = progress.get("best_step"), progress.get("best_loss")
+        if not (_is_int(b_step, 1) and b_step <= step and _is_num(b_loss)) \
+                or sorted(groups["best"]) != sorted(groups["meta"]) \
+                or any(groups["best"][k].shape != t.shape for k, t in groups["meta"].items()):
+            raise CheckpointError(f"{path}: best meta-parameters {_layout(groups['best'])} at "
+                                  f"{_show({'best_step': b_step, 'best_loss': b_loss})} do not fit "
+                                  f"{_layout(groups['meta'])} after {step} meta-steps")
+        best = (b_step, float(b_loss), groups["best"])
+    for group in ("meta", "loss", "best"):
         for k, t in groups[group].items():
             if not torch.isfinite(t).all():
                 raise CheckpointError(f"{path}: tensor '{group}.{k}' holds non-finite values")
@@ -406,7 +430,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             or any(t.dim() != 1 for t in rng.values()):
         raise CheckpointError(f"{path}: generator states {sorted(rng)} are not valid")
     return Checkpoint(run=run, step=step, skipped=skipped, history=history, elapsed_s=float(elapsed),
-                      device=progress["device"], meta=groups["meta"], loss=groups["loss"], adam=adam, rng=rng)
+                      device=progress["device"], meta=groups["meta"], loss=groups["loss"], adam=adam, rng=rng,
+                      best=best)
 
 
 def _read_adam(flat: dict[str, torch.Tensor], groups: dict, adam_steps: int, learn: str, path: Path) -> dict:

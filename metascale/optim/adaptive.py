@@ -24,16 +24,24 @@ weight's contribution by a similar amount. The network, shared across groups and
 
 .. math::
 
-    r = W_\ell x + W_2 \tanh(W_1 x + b_1) + b_2 \in \mathbb{R}^2, \qquad
+    r = W_\ell x + W_2 \tanh(W_1 x + b_1) + b_2 + S[\rho_g, d_g, \min(t, n-1)] \in \mathbb{R}^2, \qquad
     \eta_{g,t} = \eta_0\, e^{B\tanh(r_0/B)}, \quad s_{g,t} = e^{B\tanh(r_1/B)},
 
 gives the step size and rescaling factor, which drive the layer-wise update
 (:func:`~metascale.optim.layerwise.layerwise_update`): ``p -= eta * s * g`` without momentum,
 ``b = mu b + s g; p -= eta b`` with it. The linear path ``W_l`` can express per-layer
 normalised steps (``eta ~ RMS(P) / RMS(G)``, as LARS: ``W_l[0, :2] = (-1/c, 1/c)``) exactly; the ``tanh`` layer adds
-schedules and interactions. ``W_l``, ``W_2`` and ``b_2`` start at zero, so the untrained rule
-*is* ``torch.optim.SGD(lr=eta_0, momentum=mu)``; ``B`` bounds ``|log(eta/eta_0)|`` and
-``|log s|``.
+schedules and interactions. ``S`` is a table of (log step size, log scale) offsets per role,
+``depth_bins`` depth anchors (interpolated linearly in depth) and each of the first
+``n = table_steps`` steps, the last one held after them: the static layer-wise rule's per-step
+schedules. The static rule learns sharp schedules (e.g. a 100x warm-up and decay within 5 of 20
+steps) that the network's smooth terms cannot express; with the table the adaptive rule can
+represent the static one exactly, and learns its corrections from the training state on top.
+The table is indexed by the step, not by ``t/T``: stretched to a 4x horizon, a few steps of
+warm-up at a huge step size become many, and training diverges (measured: digits validation
+loss 0.48 after 80 steps against 0.19 after 20). ``W_l``, ``W_2``,
+``b_2`` and ``S`` start at zero, so the untrained rule *is* ``torch.optim.SGD(lr=eta_0,
+momentum=mu)``; ``B`` bounds ``|log(eta/eta_0)|`` and ``|log s|``.
 
 Two variants: ``momentum = 0`` keeps **no per-parameter state** (three floats per group:
 ``v``, ``m_0`` and the step); ``momentum > 0`` keeps one buffer per parameter (half of Adam's
@@ -61,7 +69,8 @@ from .layerwise import layerwise_update
 NUM_FEATURES = 7
 FEATURES = ("log_grad_rms", "log_param_rms", "grad_rms_vs_average", "average_vs_first",
             "fraction_done", "role", "depth")
-NET_NAMES = ("w1", "b1", "w2", "b2", "wl")
+NET_NAMES = ("w1", "b1", "w2", "b2", "wl")  # always present; "table" too when table_steps > 0
+TABLE = "table"
 EPS = 1e-8
 LOG_SCALE = 0.1  # c: the factor on the absolute log-RMS features
 
@@ -78,6 +87,9 @@ class AdaptiveConfig:
         hidden: width of the shared network's ``tanh`` layer.
         beta: decay of the per-layer running average of the mean square gradient.
         bound: ``B``, the largest ``|log(eta/eta_0)|`` and ``|log s|`` the network can produce.
+        table_steps: leading steps with their own offsets in the table ``S`` (the last one is
+            held after them); set it to the meta-training horizon ``K`` (0: no table).
+        depth_bins: depth anchors of the offset table (input ... output).
     """
 
     init_lr: float = dataclasses.field(default=0.01, metadata=check("float", 1e-8, 100.0))
@@ -86,6 +98,8 @@ class AdaptiveConfig:
     hidden: int = dataclasses.field(default=16, metadata=check("int", 1, 1024))
     beta: float = dataclasses.field(default=0.9, metadata=check("float", 0.0, 0.9999))
     bound: float = dataclasses.field(default=10.0, metadata=check("float", 0.1, 50.0))
+    table_steps: int = dataclasses.field(default=20, metadata=check("int", 0, 100_000))
+    depth_bins: int = dataclasses.field(default=3, metadata=check("int", 1, 64))
 
     def validate(self) -> None:
         """Raise ``ValueError`` for inconsistent settings."""
@@ -101,13 +115,17 @@ class AdaptiveConfig:
 def net_shapes(config: AdaptiveConfig) -> dict[str, tuple[int, ...]]:
     """Shapes of the meta-parameters (the shared network's weights)."""
     h, f = config.hidden, NUM_FEATURES
-    return {"w1": (h, f), "b1": (h,), "w2": (2, h), "b2": (2,), "wl": (2, f)}
+    shapes = {"w1": (h, f), "b1": (h,), "w2": (2, h), "b2": (2,), "wl": (2, f)}
+    if config.table_steps > 0:  # (output, role, depth anchor, step)
+        shapes[TABLE] = (2, 2, config.depth_bins, config.table_steps)
+    return shapes
 
 
 def init_net(config: AdaptiveConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
              device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """Meta-parameters of the untrained rule: ``W_1 ~ N(0, 0.1^2 / F)`` from a generator seeded
-    with ``seed``; ``b_1``, ``W_2``, ``b_2``, ``W_l`` zero (so ``eta = eta_0``, ``s = 1``)."""
+    with ``seed``; ``b_1``, ``W_2``, ``b_2``, ``W_l`` and the table ``S`` zero (so ``eta = eta_0``,
+    ``s = 1``)."""
     gen = torch.Generator().manual_seed(seed)
     shapes = net_shapes(config)
     net = {k: torch.zeros(s, dtype=torch.float64) for k, s in shapes.items()}
@@ -130,13 +148,34 @@ def adaptive_features(g_ms: torch.Tensor, p_ms: torch.Tensor, v_hat: torch.Tenso
                         depths], dim=-1)
 
 
+def hat_weights(x: torch.Tensor, n: int) -> torch.Tensor:
+    r"""``(G, n)`` linear-interpolation weights of points ``x`` in ``[0, 1]`` over ``n`` evenly
+    spaced knots: :math:`w_k(x) = \max(0, 1 - |x(n-1) - k|)` (rows sum to 1; ``n = 1``: ones).
+    The same weights as :func:`~metascale.optim.groups.anchor_weights`."""
+    if n == 1:
+        return torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
+    pos = x.clamp(0.0, 1.0) * (n - 1)
+    return (1.0 - (pos[:, None] - torch.arange(n, dtype=x.dtype, device=x.device)).abs()).clamp_min(0.0)
+
+
+def table_offsets(table: torch.Tensor, features: torch.Tensor, step: int) -> torch.Tensor:
+    r"""``(G, 2)`` offsets :math:`S[\rho_g, d_g, \min(t, n-1)]` of the ``(2, 2, bins, n)`` table
+    at each row's role (feature 5; ``+1`` is index 0, matrix) and relative depth (feature 6,
+    interpolated linearly between the depth anchors), at step ``t = step``."""
+    role = (features[:, 5] < 0).long()
+    column = table[:, :, :, min(step, table.shape[3] - 1)]  # (2, roles, bins)
+    return torch.einsum("ogb,gb->go", column[:, role], hat_weights(features[:, 6], table.shape[2]))
+
+
 def adaptive_factors(net: dict[str, torch.Tensor], features: torch.Tensor,
-                     config: AdaptiveConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Step sizes and rescaling factors ``(eta, s)``, each of shape ``(G,)``, from the feature
-    matrix: :math:`r = W_\ell x + W_2\tanh(W_1x+b_1) + b_2`, :math:`\eta = \eta_0 e^{B\tanh(r_0/B)}`,
-    :math:`s = e^{B\tanh(r_1/B)}`."""
+                     config: AdaptiveConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Step sizes and rescaling factors ``(eta, s)``, each of shape ``(G,)``, at step ``t = step``
+    from the feature matrix: :math:`r = W_\ell x + W_2\tanh(W_1x+b_1) + b_2 + S[\rho, d, \min(t, n-1)]`,
+    :math:`\eta = \eta_0 e^{B\tanh(r_0/B)}`, :math:`s = e^{B\tanh(r_1/B)}`."""
     x = features.to(net["w1"].dtype)
     r = x @ net["wl"].T + torch.tanh(x @ net["w1"].T + net["b1"]) @ net["w2"].T + net["b2"]
+    if TABLE in net:
+        r = r + table_offsets(net[TABLE], x, step)
     b = config.bound
     log_change = b * torch.tanh(r / b)
     return config.init_lr * torch.exp(log_change[:, 0]), torch.exp(log_change[:, 1])
@@ -196,7 +235,8 @@ def adaptive_step(net: dict[str, torch.Tensor], config: AdaptiveConfig, infos: S
     v, v_hat = update_average(stats.v, g_ms, config.beta, step)
     g0 = g_ms if stats.g0 is None else stats.g0
     roles, depths = group_geometry(infos, dtype, device)
-    eta, s = adaptive_factors(net, adaptive_features(g_ms, p_ms, v_hat, g0, step / total_steps, roles, depths), config)
+    eta, s = adaptive_factors(net, adaptive_features(g_ms, p_ms, v_hat, g0, step / total_steps, roles, depths), config,
+                              step)
     new_p, new_b = [], []
     for k, (ps, gs, bs) in enumerate(zip(params, grads, bufs)):
         p2, b2 = layerwise_update(list(ps), list(gs), list(bs), step_size=eta[k], scale=s[k],
@@ -278,7 +318,8 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         roles, depths = group_geometry([GroupInfo(g["role"], g["layer"], g["num_layers"]) for g, _ in live],
                                        dtype, device)
         total = live[0][0]["total_steps"]
-        eta, s = adaptive_factors(net, adaptive_features(g_ms, p_ms, v_hat, g0, t / total, roles, depths), self.config)
+        eta, s = adaptive_factors(net, adaptive_features(g_ms, p_ms, v_hat, g0, t / total, roles, depths), self.config,
+                                  t)
         eta, s, v, g0 = eta.tolist(), s.tolist(), v.tolist(), g0.tolist()
         for k, (group, ps) in enumerate(live):
             states = [self.state[p] for p in ps]
