@@ -304,3 +304,28 @@ def test_cli_meta_train_evaluate_info_adaptive(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "adaptive" / "optimizer.safetensors"), "--spec", str(spec),
                  "--baselines", "adam,lion", "--quiet"]) == 2
     assert "unknown baseline 'lion'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rule", ["layerwise", "adaptive-momentum"])
+def test_closure_and_sparse_gradients(rule):
+    """Both frozen optimizers return the closure's loss, skip parameters without a gradient
+    and refuse sparse gradients before touching any parameter."""
+    spec = load_spec(SINE)
+    cfg = rule_config(spec, rule)
+    emb, lin = nn.Embedding(5, 3, sparse=True), nn.Linear(3, 1)
+    opt = frozen_optimizer(list(lin.parameters()) + list(emb.parameters()), init_rule_meta(cfg, 20), cfg,
+                           total_steps=20)
+    x = torch.randn(4, 3)
+
+    def closure():
+        opt.zero_grad()
+        loss = lin(x).pow(2).mean()
+        loss.backward()
+        return loss
+    before = [p.detach().clone() for p in emb.parameters()]
+    assert float(opt.step(closure).detach()) > 0 and all(torch.equal(a, b) for a, b in zip(before, emb.parameters()))
+    lin_before = [p.detach().clone() for p in lin.parameters()]
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(lin_before, lin.parameters()))

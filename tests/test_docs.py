@@ -207,6 +207,7 @@ EXTRA = {"metascale.evaluate": ["evaluate", "format_table", "tune_lr", "train_cu
          "metascale.report": ["make_report", "load_run", "trace_schedules", "Report", "RunData",
                               "ScheduleTrace"],
          "metascale.config": ["check", "from_table", "to_dict"],
+         "metascale.interop.learn2learn": ["Learn2LearnSampler", "learn2learn_spec"],
          "metascale.spec": ["Spec", "load_spec", "spec_from_dict", "default_spec_dir"],
          "metascale.tasks.base": ["Task", "TaskFamily", "TaskSampler", "mix_seed", "generator", "uniform",
                                   "log_uniform", "randint", "mlp", "seeded_init_", "ACTIVATIONS"]}

@@ -64,7 +64,7 @@ import torch
 
 from ..config import check
 from .groups import GroupInfo, group_parameters
-from .layerwise import layerwise_update
+from .layerwise import layerwise_update, live_groups, run_closure
 
 NUM_FEATURES = 7
 FEATURES = ("log_grad_rms", "log_param_rms", "grad_rms_vs_average", "average_vs_first",
@@ -286,17 +286,10 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """Perform one optimisation step (``closure`` re-evaluates the loss, as in torch.optim)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        live = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
-        live = [(g, ps) for g, ps in live if ps]
+        loss = run_closure(closure)
+        live = live_groups(self)
         if not live:
             return loss
-        for _, ps in live:
-            if any(p.grad.is_sparse for p in ps):
-                raise RuntimeError("AdaptiveOptimizer does not support sparse gradients")
         flat_p = [p for _, ps in live for p in ps]
         device = flat_p[0].device
         dtype = torch.float64 if flat_p[0].dtype == torch.float64 else torch.float32

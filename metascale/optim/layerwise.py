@@ -230,16 +230,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """Perform one optimisation step (``closure`` re-evaluates the loss, as in torch.optim)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            if any(p.grad.is_sparse for p in params):
-                raise RuntimeError("LayerwiseOptimizer does not support sparse gradients")
+        loss = run_closure(closure)
+        for group, params in live_groups(self):
             states = [self.state[p] for p in params]
             t = states[0].get("step", 0)
             foreach = group["foreach"]
@@ -256,6 +248,28 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 if b is not None:
                     s["momentum_buffer"] = b
         return loss
+
+
+def run_closure(closure) -> torch.Tensor | None:
+    """The loss of ``closure`` evaluated with gradients on (``None`` without one), as
+    ``torch.optim`` optimizers do at the start of ``step``."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def live_groups(optimizer: torch.optim.Optimizer) -> list[tuple[dict, list[torch.Tensor]]]:
+    """``(group, parameters with a gradient)`` of every group that has one; raises
+    ``RuntimeError`` for sparse gradients (the frozen metascale optimizers are dense)."""
+    live = []
+    for group in optimizer.param_groups:
+        params = [p for p in group["params"] if p.grad is not None]
+        if any(p.grad.is_sparse for p in params):
+            raise RuntimeError(f"{type(optimizer).__name__} does not support sparse gradients")
+        if params:
+            live.append((group, params))
+    return live
 
 
 # --------------------------------------------------------------------------- higher twin
