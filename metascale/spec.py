@@ -57,6 +57,9 @@ class Spec:
         if self.family_name == EXTERNAL:
             raise SpecError(f"spec {self.name!r} records tasks drawn outside metascale ({self.family}); "
                             "draw them with the sampler they came from (metascale.interop)")
+        if self.family_name not in FAMILIES:
+            raise SpecError(f"spec {self.name!r}: task family {self.family_name!r} is not registered in this "
+                            f"process (metascale.tasks.FAMILIES); register it before drawing its tasks")
         return FAMILIES[self.family_name][0](self.family)
 
     def sampler(self, split: str, seed: int) -> TaskSampler:
@@ -67,14 +70,19 @@ class Spec:
         """JSON-able dict that :func:`spec_from_dict` turns back into an equal spec."""
         return {"name": self.name, "description": self.description,
                 "family": {"name": self.family_name,
-                           **(dict(self.family) if self.family_name == EXTERNAL else to_dict(self.family))},
+                           **(dict(self.family) if isinstance(self.family, dict) else to_dict(self.family))},
                 "inner": to_dict(self.inner), "meta": to_dict(self.meta),
                 "optimizer": to_dict(self.optimizer), "adaptive": to_dict(self.adaptive),
                 "evaluate": to_dict(self.evaluate)}
 
 
-def spec_from_dict(data: dict, name: str, where: str, path: str | None = None) -> Spec:
-    """Validate a spec given as a dict (parsed TOML, or the copy stored in an export)."""
+def spec_from_dict(data: dict, name: str, where: str, path: str | None = None, *,
+                   unknown_family_ok: bool = False) -> Spec:
+    """Validate a spec given as a dict (parsed TOML, or the copy stored in an export).
+
+    ``unknown_family_ok``: a family name this process has not registered (a family registered
+    in ``FAMILIES`` by the process that meta-trained) keeps its ``[family]`` table unvalidated,
+    as the ``external`` source does; for reading exported files, whose spec is a record."""
     if not isinstance(data, dict):
         raise SpecError(f"{where}: expected a table")
     data = {k: v for k, v in data.items() if k != "name"}
@@ -86,14 +94,15 @@ def spec_from_dict(data: dict, name: str, where: str, path: str | None = None) -
             raise SpecError(f"{where}: {key!r} must be a table ([{key}])")
     family = dict(data.get("family") or {})
     fname = family.pop("name", None)
-    if fname != EXTERNAL and (not isinstance(fname, str) or fname not in FAMILIES):
+    opaque = fname == EXTERNAL or (unknown_family_ok and isinstance(fname, str) and fname not in FAMILIES)
+    if not opaque and (not isinstance(fname, str) or fname not in FAMILIES):
         raise SpecError(f"{where} [family]: name = {fname!r} is not allowed; expected one of "
                         + ", ".join(repr(f) for f in FAMILIES))
     description = data.get("description", "")
     if not isinstance(description, str):
         raise SpecError(f"{where}: description must be a string")
     return Spec(name=name, description=description, family_name=fname,
-                family=family if fname == EXTERNAL else from_table(FAMILIES[fname][1], family, f"{where} [family]"),
+                family=family if opaque else from_table(FAMILIES[fname][1], family, f"{where} [family]"),
                 inner=from_table(InnerConfig, data.get("inner"), f"{where} [inner]"),
                 meta=from_table(MetaConfig, data.get("meta"), f"{where} [meta]"),
                 optimizer=from_table(LayerwiseConfig, data.get("optimizer"), f"{where} [optimizer]"),

@@ -416,3 +416,27 @@ def test_tampered_spec_is_rejected(tmp_path, spec_dict):
     save_file(tensors, str(tmp_path / "s.safetensors"), metadata=metadata)
     with pytest.raises(ExportFormatError, match="spec"):
         read_optimizer(tmp_path / "s.safetensors")
+
+
+def test_optimizer_of_an_unregistered_family_loads(tmp_path):
+    """A file meta-trained on a family registered by the training process (in ``FAMILIES``)
+    loads in a process that never registered it: the stored spec is a record. Drawing its
+    tasks is refused with a message naming the family; a spec file with it stays an error."""
+    from metascale.errors import SpecError
+    spec = load_spec(Path(__file__).resolve().parent.parent / "tasks" / "sine.toml")
+    data = spec.to_dict()
+    data["family"] = {"name": "my_waves", "wavelength": [1, 2]}
+    cfg = LayerwiseConfig()
+    path = save_optimizer(tmp_path / "o.safetensors", init_meta(cfg, 20), cfg, data, {})
+    exp = read_optimizer(path)
+    assert exp.spec["family"] == data["family"]
+    model = nn.Linear(3, 1)
+    opt = load_optimizer(path, model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    record = spec_from_dict(data, "s", "stored", unknown_family_ok=True)
+    assert record.to_dict()["family"] == data["family"]
+    with pytest.raises(SpecError, match="'my_waves' is not registered"):
+        record.sampler("train", 0)
+    with pytest.raises(SpecError, match="name = 'my_waves' is not allowed"):
+        spec_from_dict(data, "s", "spec file")

@@ -161,7 +161,7 @@ def read_optimizer(path: str | Path) -> ExportedOptimizer:
     spec, summary, mapping = (_json(meta_str, k, path) for k in ("spec", "summary", "group_mapping"))
     from ..spec import spec_from_dict  # local: the spec module imports the whole pipeline
     try:
-        spec_from_dict(spec, str(spec.get("name", "spec")), f"{path}: stored spec")
+        spec_from_dict(spec, str(spec.get("name", "spec")), f"{path}: stored spec", unknown_family_ok=True)
     except SpecError as e:
         raise ExportFormatError(f"invalid {e}") from None
     if mapping != MAPPING_RULE:
