@@ -239,9 +239,10 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def plot_meta_loss(records: list[dict], path: Path, *, objective: str | None = None,
-                   clip: float | None = None, batch_size: int | None = None) -> Path:
+                   clip: float | None = None, batch_size: int | None = None, selected: int | None = None) -> Path:
     """Meta-loss (raw, moving average) and meta-gradient norm over meta-steps, with the
-    meta-steps that skipped tasks marked."""
+    meta-steps that skipped tasks marked, the selection measures (``[meta] select_every``)
+    and the exported meta-step ``selected`` (meta-steps done; ``None``: not selected)."""
     x = np.array([r["meta_step"] for r in records])
     loss = _finite([r.get("meta_loss") for r in records])
     gnorm = _positive([r.get("meta_grad_norm") for r in records])
@@ -257,6 +258,12 @@ def plot_meta_loss(records: list[dict], path: Path, *, objective: str | None = N
                 label=f"moving average ({window} meta-steps)")
     if objective and not objective.startswith("log") and np.nanmin(loss, initial=np.inf) > 0:
         ax.set_yscale("log")
+    sel = [(r["meta_step"], r["selection_loss"]) for r in records if isinstance(r.get("selection_loss"), (int, float))]
+    if sel:
+        ax.plot(*zip(*sel), color="tab:green", lw=1.2, marker="o", ms=3.5,
+                label="selection measure (fixed meta-train draws)")
+    if selected is not None:
+        ax.axvline(selected - 1, color="tab:green", ls="--", lw=1.2, label=f"exported: after meta-step {selected}")
     ax.set_xlabel("meta-step")
     _integer_x(ax)
     ylabel = {"log_mean": "log(mean validation loss over the unroll)", "mean": "mean validation loss over the unroll",
@@ -560,6 +567,8 @@ def _summary_rows(run: RunData) -> list[tuple[str, str]]:
              else f"{_num(recs[-1].get('elapsed_s'), '.1f')} s (from {METRICS})"),
             ("meta-loss (mean of the first / last 10% of meta-steps)", _meta_loss_text(recs)),
             ("skipped tasks", str(s.get("skipped_tasks", recs[-1].get("skipped_total", 0)))),
+            ("exported meta-parameters", f"after meta-step {s['selected_meta_step']} (lowest selection measure, "
+             f"{_num(s.get('selection_loss'))})" if s.get("selected_meta_step") else "after the last meta-step"),
             ("device, torch", f"{s.get('device', '?')}, {s.get('torch_version', '?')}")]
     if "inner_lr" in s:
         rows.append(("inner SGD step size (learned loss)", f"{s['inner_lr']:.3g}"))
@@ -655,7 +664,8 @@ def make_report(run_dir: str | Path, out: str | Path | None = None, *, progress:
     images["meta_loss"] = plot_meta_loss(run.records, out / IMAGES["meta_loss"],
                                          objective=(spec.get("inner") or {}).get("objective"),
                                          clip=(spec.get("meta") or {}).get("clip"),
-                                         batch_size=(spec.get("meta") or {}).get("batch_size"))
+                                         batch_size=(spec.get("meta") or {}).get("batch_size"),
+                                         selected=run.summary.get("selected_meta_step"))
     bar.update(1)
 
     bar.set_postfix_str("schedules")

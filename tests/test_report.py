@@ -100,6 +100,8 @@ def test_report_writes_plots_and_markdown(capsys, evaluated_run, tmp_path):
         assert f"]({name})" in text, key
     assert "Missing pieces" not in text and "Not evaluated yet" not in text
     assert "| meta-steps | 2 (2 records in metrics.jsonl) |" in text
+    # select_every = 10 > 2 meta-steps: the last meta-parameters were measured after the loop
+    assert "| exported meta-parameters | after meta-step 2 (lowest selection measure, " in text
     assert "| seed | 3 |" in text and "| skipped tasks | 0 |" in text
     result = json.loads((folder / "eval.json").read_text())
     for name in OPTIMIZERS:
