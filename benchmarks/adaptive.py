@@ -92,12 +92,12 @@ def steps_cell(row: dict, T: int) -> str:
     return "never" if st is None else f"{int(st)}/{T}"
 
 
-def steps_of(results: dict, spec: str, setting: str, name: str, seeds: list[int]) -> list[float | None]:
-    """Median steps to Adam of ``name`` per seed (``None``: never)."""
+def steps_of(results: dict, spec: str, setting: str, name: str, seeds: list[int]) -> list[float | None | str]:
+    """Median steps to Adam of ``name`` per seed (``None``: never; ``"-"``: not run yet)."""
     out = []
     for seed in seeds:
         r = results.get(f"{spec}/seed{seed}", {}).get("settings", {}).get(setting)
-        out.append(None if r is None else r["optimizers"][name].get("median_steps_to_adam"))
+        out.append("-" if r is None else r["optimizers"][name].get("median_steps_to_adam"))
     return out
 
 
@@ -109,7 +109,7 @@ def summary_tables(results: dict, rules: list[str]) -> str:
                    ["sine", "digits", "gaussian_mixture", "teacher_mlp"] else 9)
     seeds = sorted({int(k.split("seed")[1]) for k in results})
     names = rules + ["schedulefree_adamw", "adafactor", "prodigy", "sgd_momentum"]
-    fmt = lambda v: "never" if v is None else f"{v:g}"
+    fmt = lambda v: "never" if v is None else v if isinstance(v, str) else f"{v:g}"
     lines = ["| family | setting | T | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
     for spec in specs:
         for setting in SETTINGS:
@@ -119,6 +119,24 @@ def summary_tables(results: dict, rules: list[str]) -> str:
                 continue
             cells = [" / ".join(fmt(v) for v in steps_of(results, spec, setting, n, seeds)) for n in names]
             lines.append(f"| {spec} | {setting} | {any_r['steps']} | " + " | ".join(cells) + " |")
+    lines += ["", "Median final validation loss (classification: and median accuracy), per seed:", "",
+              "| family | setting | " + " | ".join(rules + ["adam", "schedulefree_adamw", "adafactor"]) + " |",
+              "|---|---|" + "---|" * (len(rules) + 3)]
+    for spec in specs:
+        for setting in SETTINGS:
+            rows = [results[f"{spec}/seed{s}"]["settings"].get(setting) if f"{spec}/seed{s}" in results else None
+                    for s in seeds]
+            if all(r is None for r in rows):
+                continue
+            cells = []
+            for n in rules + ["adam", "schedulefree_adamw", "adafactor"]:
+                vals = []
+                for r in rows:
+                    o = None if r is None else r["optimizers"][n]
+                    vals.append("-" if o is None else f"{o['median_final_loss']:.3g}" + (
+                        f" ({o['median_final_accuracy']:.2f})" if "median_final_accuracy" in o else ""))
+                cells.append(" / ".join(vals))
+            lines.append(f"| {spec} | {setting} | " + " | ".join(cells) + " |")
     lines.append("")
     for rule in rules:
         for setting in SETTINGS:
@@ -129,9 +147,10 @@ def summary_tables(results: dict, rules: list[str]) -> str:
                 if T is None:
                     continue
                 st = steps_of(results, spec, setting, rule, seeds)
-                if all(v is not None and v <= T for v in st):
+                done = [v for v in st if v != "-"]  # a job still running is not counted
+                if all(v is not None and v <= T for v in done):
                     within.append(spec)
-                if all(v is not None and v <= T / 2 for v in st):
+                if all(v is not None and v <= T / 2 for v in done):
                     half.append(spec)
             lines.append(f"- `{rule}`, {setting}: every seed within T on {len(within)}/{len(specs)} families "
                          f"({', '.join(within) or '-'}); within T/2 on {len(half)} ({', '.join(half) or '-'})")
