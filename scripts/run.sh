@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job: set up, meta-train the layer-wise optimizer on the default task distribution
+# The main job: set up, meta-train the adaptive layer-wise optimizer (RULE, default
+# adaptive-momentum; RULE=layerwise for the static one) on the default task distribution
 # (sine-wave regression, tasks/sine.toml), export it, apply it to held-out tasks next to tuned
 # SGD / SGD+momentum / Adam, and print the comparison. Extra arguments go to meta-train
 # (e.g. --meta-steps 50 --seed 1). Output: runs/quickstart/.
@@ -8,6 +9,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 SPEC="${SPEC:-tasks/sine.toml}"
 OUT="${OUT:-runs/quickstart}"
-.venv/bin/metascale meta-train --spec "$SPEC" --out "$OUT" "$@"
+RULE="${RULE:-adaptive-momentum}"
+.venv/bin/metascale meta-train --spec "$SPEC" --out "$OUT" --rule "$RULE" "$@"
 .venv/bin/metascale info "$OUT/optimizer.safetensors"
 .venv/bin/metascale evaluate "$OUT/optimizer.safetensors" --spec "$SPEC" --json "$OUT/eval.json"
