@@ -148,7 +148,7 @@ def train(model, opt, x, y, steps: int) -> float:
         loss.backward()
         if opt is not None:
             opt.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def measure(name: str, width: int, steps: int, batch: int) -> dict:
