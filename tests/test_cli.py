@@ -478,7 +478,11 @@ def _bad_export(tmp_path: Path, case: str) -> Path:
         "huge_int": dict(summary="9" * 5000),
         "extra_key": dict(signature="x"),
         "rule": dict(rule="lion"),
-        "spec": dict(spec=json.dumps({**load_spec(SINE).to_dict(), "family": {"name": "cosine"}})),
+        # an unregistered family name loads (tests/test_export.py); a family name that is not a
+        # string, or a known family with a bad value, does not
+        "spec": dict(spec=json.dumps({**load_spec(SINE).to_dict(), "family": {"name": 7}})),
+        "spec_value": dict(spec=json.dumps({**load_spec(SINE).to_dict(),
+                                            "family": {"name": "sine", "n_train": "ten"}})),
     }
     return _edit(path, **edits[case])
 
@@ -494,7 +498,8 @@ def _bad_export(tmp_path: Path, case: str) -> Path:
     ("huge_int", "metadata 'summary' is not valid JSON"),
     ("extra_key", "unexpected ['signature']"),
     ("rule", "unknown rule 'lion'"),
-    ("spec", "name = 'cosine' is not allowed"),
+    ("spec", "name = 7 is not allowed"),
+    ("spec_value", "n_train"),
 ])
 def test_info_and_evaluate_refuse_bad_exports(capsys, tmp_path, case, needle):
     bad = _bad_export(tmp_path, case)
