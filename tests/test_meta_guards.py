@@ -131,3 +131,12 @@ def test_offset_table_meta_trains_at_lr():
     for k in ("w2", "wl"):
         assert moved[k] == pytest.approx(spec.meta.net_lr, rel=1e-3), k
     assert moved["w1"] == moved["b1"] == 0  # no gradient yet: W_2 starts at zero
+
+
+def test_selection_is_off_when_a_loss_is_learned(tmp_path):
+    """The selection snapshot holds the optimizer's meta-parameters only, so it is not used
+    with a learned loss: optimizer and loss always come from the same (last) meta-step."""
+    res = MetaTrainer(spec_with(select_every=1, select_tasks=2), seed=0, device="cpu", progress=False, meta_steps=2,
+                      learn="both").train(tmp_path / "m.jsonl")
+    assert "selected_meta_step" not in res.summary
+    assert all(r["selection_loss"] is None for r in records(tmp_path / "m.jsonl"))

@@ -63,7 +63,8 @@ class MetaConfig:
             meta-loss of the current meta-parameters on ``select_tasks`` fixed meta-train draws
             (a stream apart from the training draws and from evaluation's tuning draws) and
             export the best ones seen (0: export the last). A guard against a late collapse;
-            it costs about ``select_tasks / (3 * batch_size * select_every)`` of the run.
+            it costs about ``select_tasks / (3 * batch_size * select_every)`` of the run. Only
+            with ``learn="optimizer"``: with a learned loss every run exports the last weights.
         select_tasks: tasks of that selection measure.
     """
 
@@ -78,7 +79,7 @@ class MetaConfig:
     select_tasks: int = dataclasses.field(default=16, metadata=check("int", 1, 100_000))
 
 
-def sampler_tasks(spec: "Spec", seed: int, cfg: MetaConfig) -> list:
+def selection_tasks(spec: "Spec", seed: int, cfg: MetaConfig) -> list:
     """The fixed meta-train draws on which ``select_every`` measures the meta-parameters: a
     stream of the train split apart from the training draws and from evaluation's tuning draws."""
     sampler = spec.sampler("train", mix_seed(seed, 0x5E1))
@@ -211,7 +212,8 @@ class MetaTrainer:
             params += list(loss_fn.parameters())
             groups.append({"params": list(loss_fn.parameters()), "lr": cfg.loss_lr})
         adam = torch.optim.Adam(groups)
-        select = sampler_tasks(spec, self.seed, cfg) if cfg.select_every > 0 else None
+        # selection keeps the optimizer's meta-parameters only: not used when a loss is learned
+        select = selection_tasks(spec, self.seed, cfg) if cfg.select_every > 0 and self.learn == "optimizer" else None
         best: tuple[float, int, dict] | None = None
         sizes = [v.numel() for v in params]
         n_flat = sum(sizes)
