@@ -48,9 +48,12 @@ def variant(spec, setting: str):
     return dataclasses.replace(spec, family=dataclasses.replace(fam, **{key: hidden})), None
 
 
-def run_one(spec_path: Path, seed: int, rules: list[str], settings: list[str], out_dir: Path) -> dict:
+def run_one(spec_path: Path, seed: int, rules: list[str], settings: list[str], out_dir: Path,
+            baselines: list[str] | None = None, adaptive: dict | None = None) -> dict:
     torch.set_num_threads(1)
     spec = metascale.load_spec(spec_path)
+    if adaptive:  # an ablation of the [adaptive] table
+        spec = dataclasses.replace(spec, adaptive=dataclasses.replace(spec.adaptive, **adaptive))
     out_file = out_dir / f"{spec.name}_seed{seed}.json"
     if out_file.exists():
         return json.loads(out_file.read_text())
@@ -77,7 +80,7 @@ def run_one(spec_path: Path, seed: int, rules: list[str], settings: list[str], o
             learned = {rule: (lambda p, lr, f=paths[rule]: metascale.load_optimizer(f, p, lr=lr, total_steps=T))
                        for rule in rules}
             out = evaluate(learned, s_spec, steps=steps, seed=seed, device="cpu", progress=False,
-                           baselines=list(BASELINES))
+                           baselines=list(baselines or BASELINES))
             for row in out["optimizers"].values():
                 for k in ("final_losses", "q25_curve", "q75_curve", "tuning_median_final_loss"):
                     row.pop(k, None)
@@ -97,7 +100,7 @@ def steps_of(results: dict, spec: str, setting: str, name: str, seeds: list[int]
     out = []
     for seed in seeds:
         r = results.get(f"{spec}/seed{seed}", {}).get("settings", {}).get(setting)
-        out.append("-" if r is None else r["optimizers"][name].get("median_steps_to_adam"))
+        out.append("-" if r is None or name not in r["optimizers"] else r["optimizers"][name].get("median_steps_to_adam"))
     return out
 
 
@@ -132,7 +135,7 @@ def summary_tables(results: dict, rules: list[str]) -> str:
             for n in rules + ["adam", "schedulefree_adamw", "adafactor"]:
                 vals = []
                 for r in rows:
-                    o = None if r is None else r["optimizers"][n]
+                    o = None if r is None else r["optimizers"].get(n)
                     vals.append("-" if o is None else f"{o['median_final_loss']:.3g}" + (
                         f" ({o['median_final_accuracy']:.2f})" if "median_final_accuracy" in o else ""))
                 cells.append(" / ".join(vals))
@@ -166,6 +169,9 @@ def main() -> None:
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     ap.add_argument("--jobs", type=int, default=2, help="parallel processes (1 torch thread each)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "adaptive.json"))
+    ap.add_argument("--baselines", nargs="+", default=list(BASELINES), choices=list(BASELINES),
+                    help="baselines to evaluate (adam is needed for the headline)")
+    ap.add_argument("--adaptive", default="{}", help="JSON overrides of the [adaptive] table (ablations)")
     ap.add_argument("--summary", action="store_true",
                     help="print the docs tables and acceptance check from the per-job files; run nothing")
     args = ap.parse_args()
@@ -173,18 +179,19 @@ def main() -> None:
     if args.summary:
         results = {f"{r['spec']}/seed{r['seed']}": r for r in (json.loads(f.read_text())
                                                                 for f in sorted(parts.glob("*.json")))}
-        print(summary_tables(results, [r for r in args.rules if r != "layerwise"] + ["layerwise"]))
+        print(summary_tables(results, sorted(args.rules, key=lambda r: r == "layerwise")))
         return
     parts.mkdir(parents=True, exist_ok=True)
     from concurrent.futures import ProcessPoolExecutor
     jobs = [(Path(s), seed) for seed in args.seeds for s in args.specs]  # every family early
     with ProcessPoolExecutor(args.jobs) as ex:
-        futs = {job: ex.submit(run_one, job[0], job[1], args.rules, args.settings, parts) for job in jobs}
+        futs = {job: ex.submit(run_one, job[0], job[1], args.rules, args.settings, parts, args.baselines,
+                               json.loads(args.adaptive)) for job in jobs}
         results = {f"{p.stem}/seed{seed}": f.result() for (p, seed), f in futs.items()}
     Path(args.out).write_text(json.dumps({
         "command": "python benchmarks/adaptive.py --seeds " + " ".join(map(str, args.seeds)),
         "torch": torch.__version__, "results": results}, indent=1))
-    names = list(args.rules) + [b for b in BASELINES]
+    names = list(args.rules) + list(args.baselines)
     for setting in args.settings:
         print(f"\n### {setting}: median final validation loss (steps to reach tuned Adam's final loss)\n")
         print("| spec / seed | T | " + " | ".join(names) + " |")
@@ -199,7 +206,7 @@ def main() -> None:
                 acc = f", acc {row['median_final_accuracy']:.3f}" if "median_final_accuracy" in row else ""
                 cells.append(f"{row['median_final_loss']:.4g} ({steps_cell(row, T)}{acc})")
             print(f"| {key} | {T} | " + " | ".join(cells) + " |")
-    print("\n" + summary_tables(results, [r for r in args.rules if r != "layerwise"] + ["layerwise"]))
+    print("\n" + summary_tables(results, sorted(args.rules, key=lambda r: r == "layerwise")))
     print(f"\nwrote {args.out}")
 
 
