@@ -8,7 +8,8 @@ A spec has these tables (every key optional except ``family.name``)::
     [meta]       batch_size, steps, lr, net_lr, loss_lr, clip, task_clip, select_every,
                  select_tasks -> MetaConfig
     [optimizer]  init_lr, momentum, nesterov, per_step, depth_bins -> LayerwiseConfig (--rule layerwise)
-    [adaptive]   init_lr, momentum, nesterov, hidden, beta, bound  -> AdaptiveConfig (--rule adaptive[-momentum])
+    [adaptive]   init_lr, momentum, nesterov, hidden, beta, bound, table_steps, depth_bins
+                 -> AdaptiveConfig (--rule adaptive[-momentum])
     [evaluate]   tasks, steps, tune_tasks, lr_min, lr_max, points_per_decade -> EvaluateConfig
 
 Unknown keys and out-of-range values raise :class:`~metascale.errors.SpecError` naming the

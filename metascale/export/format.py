@@ -178,7 +178,8 @@ def read_optimizer(path: str | Path) -> ExportedOptimizer:
         for k, want in net_shapes(config).items():
             if tuple(tensors[k].shape) != want:
                 raise ExportFormatError(f"{path}: tensor {k!r} has shape {tuple(tensors[k].shape)}; expected {want} "
-                                        f"(hidden = {config.hidden}, table_steps = {config.table_steps}, depth_bins = {config.depth_bins})")
+                                        f"(hidden = {config.hidden}, table_steps = {config.table_steps}, "
+                                        f"depth_bins = {config.depth_bins})")
     else:
         _check_layerwise(path, tensors, config)
     return ExportedOptimizer(meta=tensors, rule=rule, config=config, spec=spec, summary=summary,

@@ -153,9 +153,9 @@ def rng_state(device: torch.device | str) -> dict[str, torch.Tensor]:
 
 def snapshot(run: dict, step: int, skipped: int, history: list[float | None], elapsed_s: float,
              meta: dict[str, torch.Tensor], loss_fn: torch.nn.Module | None, adam: torch.optim.Optimizer,
-             device: torch.device | str, best: tuple[float, int, dict] | None = None) -> Checkpoint:
+             device: torch.device | str, best: tuple[int, float, dict] | None = None) -> Checkpoint:
     """A :class:`Checkpoint` of the trainer's state after ``step`` meta-steps (CPU copies);
-    ``best`` is the trainer's ``(selection loss, meta-step, meta-parameters)``."""
+    ``best`` is the trainer's ``(meta-step, selection loss, meta-parameters)``."""
     def cpu(t: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(t).detach().to("cpu", copy=True)
     names = _param_names(adam, meta, loss_fn)
@@ -166,7 +166,7 @@ def snapshot(run: dict, step: int, skipped: int, history: list[float | None], el
                       loss={} if loss_fn is None else {k: cpu(v) for k, v in loss_fn.state_dict().items()},
                       adam={names[i]: {k: cpu(v) for k, v in s.items()} for i, s in state.items()},
                       rng=rng_state(device),
-                      best=None if best is None else (int(best[1]), float(best[0]),
+                      best=None if best is None else (int(best[0]), float(best[1]),
                                                        {k: cpu(v) for k, v in best[2].items()}))
 
 

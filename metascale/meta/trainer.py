@@ -214,7 +214,7 @@ class MetaTrainer:
         adam = torch.optim.Adam(groups)
         # selection keeps the optimizer's meta-parameters only: not used when a loss is learned
         select = selection_tasks(spec, self.seed, cfg) if cfg.select_every > 0 and self.learn == "optimizer" else None
-        best: tuple[float, int, dict] | None = None
+        best: tuple[int, float, dict] | None = None  # (meta-step, selection loss, meta-parameters)
         sizes = [v.numel() for v in params]
         n_flat = sum(sizes)
         if rank != 0:  # only rank 0 writes files and logs
@@ -226,7 +226,7 @@ class MetaTrainer:
             ck = restore(checkpoint_path, run, meta, loss_fn, adam, self.steps)
             skipped, history, start, elapsed = ck.skipped, ck.history, ck.step, ck.elapsed_s
             if ck.best is not None:
-                best = (ck.best[1], ck.best[0], {k: v.to(self.device) for k, v in ck.best[2].items()})
+                best = (ck.best[0], ck.best[1], {k: v.to(self.device) for k, v in ck.best[2].items()})
         elif checkpoint_path is not None and rank == 0:
             Path(checkpoint_path).unlink(missing_ok=True)  # an earlier run's: never resume into this one
         if metrics_path:
@@ -296,7 +296,7 @@ class MetaTrainer:
                    "torch_version": torch.__version__, "learn": self.learn,
                    "rule": rule_name(rule) if learn_opt else None}
         if best is not None:
-            summary["selected_meta_step"], summary["selection_loss"] = best[1], best[0]
+            summary["selected_meta_step"], summary["selection_loss"] = best[0], best[1]
         if resume:
             summary["resumed_from_meta_step"] = start
         if loss_fn is not None:
@@ -307,13 +307,13 @@ class MetaTrainer:
     def _select(self, tasks, meta, rule, loss_fn, step: int, best):
         """Measure the current meta-parameters (mean meta-loss on the selection tasks; ``None``
         if one is not finite, and they are not chosen); returns ``(measure, best)`` with
-        ``best = (measure, meta-step, meta-parameters)`` the lowest so far."""
+        ``best = (meta-step, measure, meta-parameters)`` the lowest so far."""
         losses = [self._task_row(task, meta, rule, loss_fn, None) for task in tasks]
         if any(x is None for x in losses):
             return None, best
         sel = sum(losses) / len(losses)
-        if best is None or sel < best[0]:
-            best = (sel, step, {k: v.detach().clone() for k, v in meta.items()})
+        if best is None or sel < best[1]:
+            best = (step, sel, {k: v.detach().clone() for k, v in meta.items()})
         return sel, best
 
     def _task_row(self, task, meta, rule, loss_fn, params):
