@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 stamp=".venv/.metascale-install-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
-if [ ! -f "$stamp" ] || ! .venv/bin/python -c "import metascale, torch, higher, sklearn, pytest, matplotlib, prodigyopt, schedulefree" 2>/dev/null; then
+if [ ! -f "$stamp" ] || ! .venv/bin/python -c "import metascale, torch, higher, sklearn, pytest, matplotlib, prodigyopt, schedulefree, mlxtend, mnist1d, importlinter" 2>/dev/null; then
     echo "setup: installing metascale[test] (torch pinned by constraints.txt)"
     .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]" \
         2> >(grep -v "^WARNING: Location" >&2)
