@@ -31,6 +31,29 @@ def _int_at_least(lo: int):
 _positive, _nonneg = _int_at_least(1), _int_at_least(0)
 
 
+def _threads_jobs(args: argparse.Namespace, device, limit: int | None = None) -> tuple[int | None, int]:
+    """Resolve ``--threads``/``--jobs`` (metascale.parallel.resolve) and set this process's
+    threads. Under torchrun (WORLD_SIZE > 1) the launcher already made the processes."""
+    import os
+
+    from .parallel import resolve, set_threads
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if launched and args.jobs and args.jobs > 1:
+        raise MetascaleError(f"--jobs {args.jobs}: this process is one of {os.environ['WORLD_SIZE']} started by "
+                             "torchrun; use torchrun --nproc_per_node or --jobs, not both")
+    try:
+        threads, jobs = resolve(args.threads, 1 if launched else args.jobs, device, limit)
+    except ValueError as e:  # a bad METASCALE_JOBS
+        raise MetascaleError(str(e)) from None
+    if device.type == "cuda" and jobs > 1:
+        import torch
+        if torch.cuda.device_count() < jobs:
+            raise MetascaleError(f"--jobs {jobs} on CUDA needs one GPU per process; {torch.cuda.device_count()} "
+                                 "visible")
+    set_threads(threads)
+    return threads, jobs
+
+
 def cmd_tasks(args: argparse.Namespace) -> int:
     """List the specs in a folder with their one-line descriptions."""
     from .spec import default_spec_dir, load_spec
@@ -60,8 +83,7 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
         import dataclasses
         spec = dataclasses.replace(spec, inner=dataclasses.replace(spec.inner, engine=args.engine))
     device = resolve_device(args.device)
-    init_from_env(device)  # under torchrun: each rank unrolls its share of every meta-batch
-    rank, size = world()
+    threads, jobs = _threads_jobs(args, device, spec.meta.batch_size)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise MetascaleError(f"--out {out}: exists and is not a folder")
@@ -72,6 +94,12 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
             raise MetascaleError(f"--resume: no checkpoint {checkpoint} to resume from; run without --resume to start")
         read_checkpoint(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
+    if jobs > 1:  # --jobs N: N local ranks of one gloo group, as torchrun would start them
+        from .parallel import launch
+        return launch(_run, (argparse.Namespace(**{**vars(args), "jobs": None, "threads": threads}),), jobs,
+                      threads=threads)
+    init_from_env(device)  # under torchrun or --jobs: each rank unrolls its share of every meta-batch
+    rank, size = world()
     from .losses import LossConfig
     inner_lr = None
     if args.learn == "loss":  # the loss trains under plain SGD at its step size tuned on the task loss
@@ -115,8 +143,8 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate an exported optimizer on held-out tasks next to tuned baselines."""
-    from .evaluate import BASELINES, eval_steps, evaluate, format_table
-    from .export import load_optimizer, read_optimizer
+    from .evaluate import BASELINES, FileOptimizer, eval_steps, evaluate, format_table
+    from .export import read_optimizer
     from .meta import resolve_device
     from .spec import load_spec
     from .export import file_format, read_loss
@@ -137,7 +165,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         losses["sgd+learned_loss"] = ("sgd", read_loss(args.file).module)
     else:
         read_optimizer(args.file)  # validate every input before any work
-        learned["learned"] = lambda p, lr: load_optimizer(args.file, p, lr=lr, total_steps=T)
+        learned["learned"] = FileOptimizer(str(args.file), total_steps=T)  # picklable, for --jobs
         if args.loss:
             losses["learned+learned_loss"] = ("learned", read_loss(args.loss).module)
     for other in args.compare or []:  # more exported optimizers, rows named by their rule
@@ -145,12 +173,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         name = f"learned_{exp.config.variant if exp.rule == 'adaptive' else exp.rule}"
         while name in learned:
             name += "'"
-        learned[name] = lambda p, lr, f=other: load_optimizer(f, p, lr=lr, total_steps=T)
+        learned[name] = FileOptimizer(str(other), total_steps=T)
     device = resolve_device(args.device)
+    threads, jobs = _threads_jobs(args, device)
     if args.json and Path(args.json).is_dir():
         raise MetascaleError(f"--json {args.json}: is a folder; give a file path")
     result = evaluate(learned, spec, n_tasks=args.tasks, steps=args.steps, seed=args.seed, device=device,
-                      progress=not args.quiet, losses=losses, baselines=baselines)
+                      progress=not args.quiet, losses=losses, baselines=baselines, jobs=jobs, threads=threads)
     result["file"] = str(args.file)
     print(format_table(result))
     if args.json:
@@ -222,6 +251,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (one sub-command per verb, each with ``--help``)."""
+    from .parallel import add_arguments as add_parallel_arguments
     p = argparse.ArgumentParser(
         prog="metascale",
         description="Meta-train layer-wise learnable optimizers (per-layer step sizes and rescaling factors) "
@@ -261,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.safetensors (same spec, seed, --learn, --rule, --loss, "
                         "--engine); the result equals an uninterrupted run's")
+    add_parallel_arguments(m, "the tasks of each meta-batch", "task")
     m.set_defaults(func=cmd_meta_train)
 
     e = sub.add_parser("evaluate", help="compare an exported optimizer with tuned baselines on held-out tasks",
@@ -284,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=_nonneg, default=0, help="seed of the held-out draws (default 0)")
     e.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_parallel_arguments(e, "the training runs", "task")
     e.set_defaults(func=cmd_evaluate)
 
     i = sub.add_parser("info", help="describe an exported optimizer file", description=cmd_info.__doc__)
@@ -299,10 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``metascale`` console script."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _run(args: argparse.Namespace) -> int:
+    """Run a parsed command: an error caused by bad input prints one line and returns 2 (also
+    the entry point of each process that ``--jobs`` starts)."""
     try:
         return args.func(args)
     except MetascaleError as e:
@@ -311,6 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("metascale: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``metascale`` console script."""
+    return _run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -7,18 +7,25 @@ every optimizer trains a fresh model on each of ``N`` *meta-test* draws for ``T`
 same init for all optimizers on a task. Reported per optimizer: median and interquartile range
 of the final validation loss and the median number of steps to reach tuned Adam's final loss
 on the same task (``None`` when fewer than half of the tasks reach it).
+
+``evaluate(..., jobs=N)`` spreads the training runs (the tuning grid, then the held-out runs)
+over ``N`` spawned processes (:mod:`metascale.parallel`); each worker redraws its tasks from
+the spec and seed, so the result is exactly that of ``jobs=1`` at the same thread count.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Callable, Iterable
+import pickle
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .config import check
+from .parallel import DEFAULT_THREADS, Workers
 from .tasks.base import Task, mix_seed
 
 OptFactory = Callable[[Iterable[torch.Tensor], float], torch.optim.Optimizer]
@@ -153,6 +160,56 @@ def tuning_tasks(spec, seed: int) -> list[Task]:
     return spec.sampler("train", mix_seed(seed, 0x70E)).tasks(spec.evaluate.tune_tasks)
 
 
+@dataclasses.dataclass(frozen=True)
+class FileOptimizer:
+    """A picklable optimizer factory ``(params, lr) -> load_optimizer(path, params, lr=lr,
+    total_steps=total_steps)``: what :func:`evaluate` with ``jobs > 1`` can send to its workers
+    (a lambda cannot travel to another process)."""
+
+    path: str
+    total_steps: int | None = None
+
+    def __call__(self, params: Iterable[torch.Tensor], lr: float = 1.0) -> torch.optim.Optimizer:
+        from .export import load_optimizer
+        return load_optimizer(self.path, params, lr=lr, total_steps=self.total_steps)
+
+
+@functools.lru_cache(maxsize=8)
+def _sampler(spec_bytes: bytes, split: str, seed: int):
+    return pickle.loads(spec_bytes).sampler(split, seed)
+
+
+@functools.lru_cache(maxsize=64)
+def _draw(spec_bytes: bytes, split: str, seed: int, index: int) -> Task:
+    """Draw ``index`` of ``(split, seed)`` (the same task in every process; cached for the
+    work items of one evaluation that share it)."""
+    return _sampler(spec_bytes, split, seed).task(index)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Runs:
+    """Work item of :func:`evaluate`: training runs on draw ``index`` of ``(split, seed)``; each
+    run is ``(baseline name or None, lr, learned factory or None, training loss or None)``."""
+
+    spec_bytes: bytes
+    split: str
+    seed: int
+    index: int
+    steps: int
+    device: Any
+    runs: tuple
+
+
+def _do_runs(item: _Runs) -> list[tuple[list[float], float | None]]:
+    task = _draw(item.spec_bytes, item.split, item.seed, item.index)
+    out = []
+    for baseline, lr, factory, loss_fn in item.runs:
+        fac = (lambda p, f=BASELINES[baseline], lr=lr: f(p, lr)) if baseline is not None else \
+            (lambda p, f=factory, lr=lr: f(p, lr))
+        out.append(train_run(task, fac, item.steps, item.device, loss_fn))
+    return out
+
+
 def _steps_to(curve: list[float], target: float) -> float:
     """First step ``t >= 1`` with ``curve[t] <= target``; ``inf`` if never."""
     for t, v in enumerate(curve[1:], start=1):
@@ -191,7 +248,8 @@ def summarize(curves: dict[str, list[list[float]]], accuracies: dict[str, list] 
 def evaluate(learned: dict[str, OptFactory], spec, *, n_tasks: int | None = None,
              steps: int | None = None, seed: int = 0, device: torch.device | str | None = None,
              progress: bool = True, losses: dict[str, tuple[str, Callable]] | None = None,
-             baselines: Iterable[str] | None = None) -> dict:
+             baselines: Iterable[str] | None = None, jobs: int = 1,
+             threads: int | None = DEFAULT_THREADS) -> dict:
     """Compare ``learned`` optimizers (name -> factory ``(params, lr_multiplier)``) with the
     tuned baselines on held-out tasks of ``spec``; returns the JSON-able result.
 
@@ -202,7 +260,13 @@ def evaluate(learned: dict[str, OptFactory], spec, *, n_tasks: int | None = None
 
     ``losses`` adds runs that train on a learned loss: name -> (optimizer name, loss), where the
     optimizer is a baseline (at its learning rate tuned on the task loss: "equal tuned step
-    size") or a key of ``learned``. Every curve is the task's true validation loss."""
+    size") or a key of ``learned``. Every curve is the task's true validation loss.
+
+    ``jobs > 1`` runs the training runs in that many spawned processes at ``threads``
+    intra-op threads each (one work item per task: its tuning grid of one baseline, or all its
+    held-out runs); the learned factories and losses must then be picklable (e.g.
+    :class:`FileOptimizer`, not a lambda). The result equals ``jobs=1``'s exactly when this
+    process runs at the same thread count."""
     cfg = spec.evaluate
     n = n_tasks or cfg.tasks
     T = eval_steps(spec, steps)
@@ -214,34 +278,49 @@ def evaluate(learned: dict[str, OptFactory], spec, *, n_tasks: int | None = None
     for b in baselines:  # a missing optional package fails now, not after an hour of tuning
         if b in ("prodigy", "schedulefree_adamw"):
             BASELINES[b]([torch.zeros(1, requires_grad=True)], 1e-3)
+    losses = losses or {}
+    if jobs > 1:
+        try:
+            pickle.dumps((learned, losses))
+        except Exception as e:
+            raise ValueError(f"evaluate(jobs={jobs}) sends the learned optimizers and losses to worker processes, "
+                             f"and they must be picklable (e.g. FileOptimizer(path), not a lambda): {e}") from None
     to_tune = [b for b in baselines if b not in LR_FREE]
-    tune_tasks = tuning_tasks(spec, seed)
-    test_tasks = spec.sampler("test", seed).tasks(n)
+    spec_bytes = pickle.dumps(spec)
+    dev = str(device) if isinstance(device, torch.device) else device
+    tune_split, tune_seed, n_tune = "train", mix_seed(seed, 0x70E), cfg.tune_tasks
     result = {"spec": spec.name, "tasks": n, "steps": T, "seed": seed, "meta_train_horizon": spec.inner.horizon,
               "lr_grid": grid, "optimizers": {}}
-    tuned = {}
-    losses = losses or {}
     names = baselines + list(learned) + list(losses)
-    bar = tqdm(total=len(to_tune) * len(grid) + len(names), desc="evaluate", disable=not progress, dynamic_ncols=True)
-    for name in to_tune:
-        best, scores = tune_lr(BASELINES[name], tune_tasks, T, grid, device)
-        tuned[name] = (best, scores)
-        bar.update(len(grid))
-    for name in baselines:
-        if name in LR_FREE:
-            tuned[name] = (LR_FREE[name], {})
-    curves, accs = {}, {}
-    for name in names:
-        opt_name, loss_fn = losses.get(name, (name, None))
-        if opt_name in BASELINES:
-            lr = tuned[opt_name][0]
-            fac = lambda p, f=BASELINES[opt_name], lr=lr: f(p, lr)
-        else:
-            fac = lambda p, f=learned[opt_name]: f(p, 1.0)
-        runs = [train_run(t, fac, T, device, loss_fn) for t in test_tasks]
-        curves[name], accs[name] = [r[0] for r in runs], [r[1] for r in runs]
-        bar.update(1)
+    bar = tqdm(total=len(to_tune) * len(grid) * n_tune + len(names) * n, desc="evaluate", disable=not progress,
+               dynamic_ncols=True)
+    tick = lambda i, r: bar.update(len(r))
+    tuned = {}
+    with Workers(max(1, min(jobs, max(n_tune * len(to_tune), n))), threads=threads) as pool:
+        # the tuning grid: one item per (meta-train draw, baseline)
+        items = [_Runs(spec_bytes, tune_split, tune_seed, i, T, dev, tuple((b, lr, None, None) for lr in grid))
+                 for b in to_tune for i in range(n_tune)]
+        finals = pool.map(_do_runs, items, tick)
+        for k, name in enumerate(to_tune):
+            per_task = finals[k * n_tune:(k + 1) * n_tune]
+            scores = {f"{lr:.3g}": float(np.median([runs[g][0][-1] for runs in per_task])) for g, lr in enumerate(grid)}
+            best = min(range(len(grid)), key=lambda i: (scores[f"{grid[i]:.3g}"], i))
+            tuned[name] = (grid[best], scores)
+        for name in baselines:
+            if name in LR_FREE:
+                tuned[name] = (LR_FREE[name], {})
+        # the held-out runs: one item per meta-test draw, every optimizer on it
+        row = []
+        for name in names:
+            opt_name, loss_fn = losses.get(name, (name, None))
+            if opt_name in BASELINES:
+                row.append((opt_name, tuned[opt_name][0], None, loss_fn))
+            else:
+                row.append((None, 1.0, learned[opt_name], loss_fn))
+        runs = pool.map(_do_runs, [_Runs(spec_bytes, "test", seed, i, T, dev, tuple(row)) for i in range(n)], tick)
     bar.close()
+    curves = {name: [runs[i][k][0] for i in range(n)] for k, name in enumerate(names)}
+    accs = {name: [runs[i][k][1] for i in range(n)] for k, name in enumerate(names)}
     result["optimizers"] = summarize(curves, accs)
     for name, (opt_name, _) in losses.items():
         if opt_name in tuned:

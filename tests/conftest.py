@@ -1,6 +1,12 @@
 """Shared test setup."""
+import os
+
 import pytest
 import torch
+
+# `metascale meta-train`/`evaluate` default to one process per core (--jobs); the suite's tiny
+# runs stay in the calling process unless a test asks for --jobs (tests/test_parallel.py)
+os.environ.setdefault("METASCALE_JOBS", "1")
 
 
 @pytest.fixture(autouse=True)

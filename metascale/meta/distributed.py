@@ -1,6 +1,9 @@
 """Meta-training over tasks with ``torch.distributed``.
 
-Launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment): gloo on CPU, nccl on CUDA.
+Launched by ``torchrun``, or by ``metascale meta-train --jobs N``, which starts the ``N`` local
+ranks itself with the same environment (:func:`metascale.parallel.launch`: ``MASTER_ADDR``
+127.0.0.1, a free port, ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``); ``WORLD_SIZE`` > 1 in the
+environment means a group: gloo on CPU, nccl on CUDA.
 Rank ``r`` of ``W`` unrolls tasks ``j = r, r + W, r + 2W, ...`` of each meta-batch; the
 per-task results (finite flag, meta-loss, flattened meta-gradient) are all-gathered and every
 rank reduces them **in task order** ``j = 0 .. B-1``, exactly as one process does, so two ranks
