@@ -17,7 +17,7 @@ args = parser.parse_args()
 # 1. meta-train the layer-wise optimizer on the spec's meta-train tasks, then export it
 spec = metascale.load_spec(args.spec)
 result = metascale.MetaTrainer(spec, seed=0, meta_steps=args.meta_steps).train(f"{args.out}/metrics.jsonl")
-path = metascale.save_optimizer(f"{args.out}/optimizer.safetensors", result.meta, spec.optimizer,
+path = metascale.save_optimizer(f"{args.out}/optimizer.safetensors", result.meta, result.rule,
                                 spec.to_dict(), result.summary)
 
 # 2. use it as a drop-in torch optimizer on a model it never saw (wider and deeper than 1-40-40-1)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .errors import MetascaleError
 
-from .optim.rules import RULES
+from .optim.registry import DEFAULT_RULE, RULES
 
 
 def _int_at_least(lo: int):
@@ -170,7 +170,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             losses["learned+learned_loss"] = ("learned", read_loss(args.loss).module)
     for other in args.compare or []:  # more exported optimizers, rows named by their rule
         exp = read_optimizer(other)
-        name = f"learned_{exp.config.variant if exp.rule == 'adaptive' else exp.rule}"
+        name = f"learned_{exp.rule}"
         while name in learned:
             name += "'"
         learned[name] = FileOptimizer(str(other), total_steps=T)
@@ -191,50 +191,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Describe an exported optimizer file."""
-    import torch
-
     from .config import to_dict
-    from .export import read_optimizer
-    from .optim.groups import ROLES
+    from .export import FORMAT_VERSION, read_optimizer
     exp = read_optimizer(args.file)
-    print(f"{args.file}: metascale optimizer, rule {exp.rule}, format version 1")
+    rule = RULES[exp.rule]
+    print(f"{args.file}: metascale optimizer, rule {exp.rule}, format version {FORMAT_VERSION}")
+    print(f"rule {exp.rule}: {rule.summary}")
     print(f"config: {json.dumps(to_dict(exp.config))}")
-    print(f"meta-trained on: {exp.spec.get('name')} ({exp.spec.get('description', '')})")
+    print(f"meta-trained on: {exp.spec.get('name')} ({exp.spec.get('description', '')}), horizon {exp.horizon}")
     print(f"summary: {json.dumps(exp.summary)}")
     print("group mapping rule:")
     for k, v in exp.group_mapping.items():
         print(f"  {k}: {v}")
-    if exp.rule == "adaptive":
-        from .optim.adaptive import FEATURES
-        n = sum(v.numel() for v in exp.meta.values())
-        print(f"variant {exp.config.variant}: a shared network of {n} numbers maps each layer's statistics "
-              f"({', '.join(FEATURES)}) to its step size and rescaling factor every step; default total_steps "
-              f"{exp.horizon} (the meta-training horizon); per-parameter state: "
-              f"{'one momentum buffer' if exp.config.momentum > 0 else 'none'}")
-        wl = exp.meta["wl"]
-        print("linear path (log step size, log rescaling factor) per feature:")
-        for j, f in enumerate(FEATURES):
-            print(f"  {f:<20} {wl[0, j]:+.3f} {wl[1, j]:+.3f}")
-        if "table" in exp.meta:
-            tab, (bins, n) = exp.meta["table"], exp.meta["table"].shape[2:]
-            cols = sorted({round(i * (n - 1) / 4) for i in range(5)})
-            print("offset table: step-size multiplier exp(S_eta) x rescaling factor exp(S_s) by role and depth, "
-                  f"at steps {', '.join(map(str, cols))} (of {n}; the last is held after):")
-            for r, role in enumerate(ROLES):
-                for b in range(bins):
-                    m = torch.exp(tab[0, r, b] + tab[1, r, b])
-                    print(f"  {role:<6} depth {b / max(bins - 1, 1):.2f}: " + ", ".join(f"{float(m[c]):.3g}" for c in cols))
-        return 0
-    bins = exp.meta["log_step_size"].shape[1]
-    print(f"learned schedules over {exp.horizon} step(s) (step size eta, rescaling factor s; effective eta*s):")
-    for r, role in enumerate(ROLES):
-        for b in range(bins):
-            eta = torch.exp(exp.meta["log_step_size"][r, b])
-            s = torch.exp(exp.meta["log_scale"][r, b])
-            depth = b / (bins - 1) if bins > 1 else 0.0
-            eff = (eta * s).tolist()
-            show = ", ".join(f"{x:.3g}" for x in eff[:8]) + (", ..." if len(eff) > 8 else "")
-            print(f"  {role:<6} depth {depth:.2f}: eta*s = [{show}]  (mean eta {eta.mean():.3g}, mean s {s.mean():.3g})")
+    for line in rule.describe(exp.meta, exp.config, exp.horizon):
+        print(line)
     return 0
 
 
@@ -267,12 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("meta-train", help="meta-train and export an optimizer", description=cmd_meta_train.__doc__)
     m.add_argument("--spec", required=True, help="task-distribution spec, e.g. tasks/sine.toml")
     m.add_argument("--out", required=True, help="output folder (optimizer.safetensors, metrics.jsonl)")
-    m.add_argument("--rule", default="layerwise", choices=RULES,
-                   help="learnable optimizer rule: layerwise (a learned step size and rescaling factor per layer "
-                        "and inner step, spec table [optimizer]); adaptive (a tiny network shared by all layers maps "
-                        "each layer's gradient/parameter statistics to its step size and rescaling factor every "
-                        "step: no per-parameter state); adaptive-momentum (the same with one momentum buffer); "
-                        "both adaptive rules read the spec table [adaptive] (default: layerwise)")
+    m.add_argument("--rule", default=DEFAULT_RULE, choices=list(RULES), metavar="RULE",
+                   help="learnable optimizer rule: " + "; ".join(f"{n}: {r.summary}" for n, r in RULES.items())
+                        + f" (default: {DEFAULT_RULE})")
     m.add_argument("--learn", default="optimizer", choices=("optimizer", "loss", "both"),
                    help="what to meta-train: the layer-wise optimizer (OUT/optimizer.safetensors), a learned loss "
                         "under plain SGD at its tuned step size (OUT/loss.safetensors), or both jointly")

@@ -123,9 +123,10 @@ def from_table(cls: type[T], table: Mapping[str, Any] | None, where: str) -> T:
 
 
 def to_dict(obj: Any) -> dict:
-    """A JSON-able dict of a dataclass config (tuples become lists)."""
+    """A JSON-able dict of a dataclass config (tuples become lists; unset fields, ``None``,
+    are left out, so :func:`from_table` gives them their default back)."""
     def conv(v):
         if isinstance(v, tuple):
             return [conv(x) for x in v]
         return v
-    return {k: conv(v) for k, v in dataclasses.asdict(obj).items()}
+    return {k: conv(v) for k, v in dataclasses.asdict(obj).items() if v is not None}

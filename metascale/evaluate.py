@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import check
+from .spec import BASELINE_NAMES, DEFAULT_BASELINES, EvaluateConfig
 from .parallel import DEFAULT_THREADS, Workers
 from .tasks.base import Task, mix_seed
 
@@ -63,7 +63,8 @@ BASELINES: dict[str, OptFactory] = {
 }
 # learning-rate-free baselines run at this lr instead of a tuned one
 LR_FREE = {"prodigy": 1.0}
-DEFAULT_BASELINES = ("sgd", "sgd_momentum", "adam")
+if tuple(BASELINES) != BASELINE_NAMES:  # the spec layer validates [evaluate] baselines by these names
+    raise ImportError("metascale.spec.BASELINE_NAMES must list metascale.evaluate.BASELINES in order")
 
 
 def _set_mode(opt: torch.optim.Optimizer, mode: str) -> None:
@@ -71,39 +72,6 @@ def _set_mode(opt: torch.optim.Optimizer, mode: str) -> None:
     fn = getattr(opt, mode, None)
     if callable(fn):
         fn()
-
-
-@dataclasses.dataclass(frozen=True)
-class EvaluateConfig:
-    """The ``[evaluate]`` table.
-
-    Attributes:
-        tasks: held-out (meta-test) tasks ``N``.
-        steps: training steps ``T``; 0 means the meta-training horizon ``K``.
-        tune_tasks: meta-train draws used to tune the baselines' learning rates.
-        lr_min, lr_max, points_per_decade: the log grid of learning rates.
-        baselines: which of :data:`BASELINES` to run (learning rates tuned on the grid, except
-            the learning-rate-free ones in :data:`LR_FREE`); ``adafactor`` is torch's,
-            ``prodigy`` and ``schedulefree_adamw`` need ``pip install 'metascale[baselines]'``.
-    """
-
-    tasks: int = dataclasses.field(default=20, metadata=check("int", 1, 100_000))
-    steps: int = dataclasses.field(default=0, metadata=check("int", 0, 1_000_000))
-    tune_tasks: int = dataclasses.field(default=8, metadata=check("int", 1, 10_000))
-    lr_min: float = dataclasses.field(default=1e-4, metadata=check("float", 1e-10, 100.0))
-    lr_max: float = dataclasses.field(default=1.0, metadata=check("float", 1e-10, 100.0))
-    points_per_decade: int = dataclasses.field(default=2, metadata=check("int", 1, 20))
-    baselines: tuple = dataclasses.field(default=DEFAULT_BASELINES, metadata=check("str_list", choices=tuple(BASELINES)))
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` if the grid is empty."""
-        if self.lr_min > self.lr_max:
-            raise ValueError(f"lr_min = {self.lr_min} must not exceed lr_max = {self.lr_max}")
-
-    def grid(self) -> list[float]:
-        """The log grid ``lr_min * 10**(k / points_per_decade)`` up to ``lr_max``."""
-        n = int(math.floor(math.log10(self.lr_max / self.lr_min) * self.points_per_decade + 1e-9))
-        return [self.lr_min * 10 ** (k / self.points_per_decade) for k in range(n + 1)]
 
 
 def train_curve(task: Task, make_opt: Callable[[Iterable[torch.Tensor]], torch.optim.Optimizer],

@@ -7,10 +7,10 @@ A spec has these tables (every key optional except ``family.name``)::
     [inner]      steps (K), batch_size, objective, engine, windows -> InnerConfig
     [meta]       batch_size, steps, lr, net_lr, loss_lr, clip, task_clip, select_every,
                  select_tasks -> MetaConfig
-    [optimizer]  init_lr, momentum, nesterov, per_step, depth_bins -> LayerwiseConfig (--rule layerwise)
-    [adaptive]   init_lr, momentum, nesterov, hidden, beta, bound, table_steps, depth_bins
-                 -> AdaptiveConfig (--rule adaptive[-momentum])
-    [evaluate]   tasks, steps, tune_tasks, lr_min, lr_max, points_per_decade -> EvaluateConfig
+    [evaluate]   tasks, steps, tune_tasks, lr_min, lr_max, points_per_decade, baselines -> EvaluateConfig
+    [<rule table>]  one table per rule config (metascale.optim.RULES: each rule names its
+                 table and config type), e.g. [optimizer] for the layer-wise rule, [adaptive]
+                 for the adaptive ones
 
 Unknown keys and out-of-range values raise :class:`~metascale.errors.SpecError` naming the
 key and the allowed values.
@@ -18,29 +18,135 @@ key and the allowed values.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from pathlib import Path
 from typing import Any
 
-from .config import from_table, to_dict
+from .config import check, from_table, to_dict
 from .errors import SpecError
-from .evaluate import EvaluateConfig
-from .inner.higher_engine import InnerConfig
-from .meta.trainer import MetaConfig
-from .optim.adaptive import AdaptiveConfig
-from .optim.layerwise import LayerwiseConfig
+from .optim.registry import spec_tables
 from .tasks import FAMILIES
 from .tasks.base import TaskSampler
 
-TABLES = ("description", "family", "inner", "meta", "optimizer", "adaptive", "evaluate")
+OBJECTIVES = ("mean", "log_mean", "final", "log_final")
+ENGINES = ("higher", "func")
+LEARN = ("optimizer", "loss", "both")
+BASELINE_NAMES = ("sgd", "sgd_momentum", "adam", "adafactor", "prodigy", "schedulefree_adamw")
+"""Names of the tuned baselines (their factories: :data:`metascale.evaluate.BASELINES`)."""
+DEFAULT_BASELINES = ("sgd", "sgd_momentum", "adam")
 EXTERNAL = "external"
 """``[family] name`` of tasks drawn outside metascale (:mod:`metascale.interop`): the family
 table is a JSON record of where they came from, kept as it is; such a spec draws no tasks itself."""
 
 
 @dataclasses.dataclass(frozen=True)
+class InnerConfig:
+    """The ``[inner]`` table.
+
+    Attributes:
+        steps: inner steps ``K`` per window (the whole unroll when ``windows = 1``).
+        batch_size: inner minibatch size.
+        objective: the meta-objective (:func:`metascale.inner.meta_objective`), per window.
+        engine: ``"higher"`` (default) or ``"func"`` (``torch.func``); same rule, same numbers.
+        windows: ``N``: meta-train over an inner horizon of ``N * K`` steps by backpropagating
+            through windows of ``K`` steps, the inner state carried across windows and the graph
+            cut between them (truncated unrolls; uses the ``func`` engine, which carries state).
+    """
+
+    steps: int = dataclasses.field(default=20, metadata=check("int", 1, 10_000))
+    batch_size: int = dataclasses.field(default=10, metadata=check("int", 1, 1_000_000))
+    objective: str = dataclasses.field(default="log_mean", metadata=check("str", choices=OBJECTIVES))
+    engine: str = dataclasses.field(default="higher", metadata=check("str", choices=ENGINES))
+    windows: int = dataclasses.field(default=1, metadata=check("int", 1, 1_000_000))
+
+    @property
+    def horizon(self) -> int:
+        """Inner steps per task in meta-training: ``windows * steps``."""
+        return self.windows * self.steps
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaConfig:
+    """The ``[meta]`` table.
+
+    Attributes:
+        batch_size: tasks per meta-step.
+        steps: meta-steps.
+        lr: Adam step size on the (log-space) meta-parameters of the optimizer.
+        net_lr: Adam step size on the weights of a rule's network that read the training state
+            (the adaptive rules); its outputs feed back into the gradients it reads, so it needs
+            a smaller step than log step sizes (docs/benchmarks.md).
+        loss_lr: Adam step size on the weights of a learned loss network (``--learn loss|both``).
+        clip: global-norm clip of the meta-gradient (0 disables).
+        task_clip: clip each task's meta-gradient to this global norm before the tasks are
+            averaged (0 disables), so that one task in a chaotic region of the inner dynamics
+            cannot set the direction of the meta-step.
+        select_every: every this many meta-steps (and after the last), measure the mean
+            meta-loss of the current meta-parameters on ``select_tasks`` fixed meta-train draws
+            (a stream apart from the training draws and from evaluation's tuning draws) and
+            export the best ones seen (0: export the last). A guard against a late collapse;
+            it costs about ``select_tasks / (3 * batch_size * select_every)`` of the run. Only
+            with ``learn="optimizer"``: with a learned loss every run exports the last weights.
+        select_tasks: tasks of that selection measure.
+    """
+
+    batch_size: int = dataclasses.field(default=8, metadata=check("int", 1, 4096))
+    steps: int = dataclasses.field(default=200, metadata=check("int", 0, 10_000_000))
+    lr: float = dataclasses.field(default=0.03, metadata=check("float", 1e-8, 10.0))
+    loss_lr: float = dataclasses.field(default=1e-3, metadata=check("float", 1e-8, 10.0))
+    net_lr: float = dataclasses.field(default=3e-3, metadata=check("float", 1e-8, 10.0))
+    clip: float = dataclasses.field(default=1.0, metadata=check("float", 0.0, 1e9))
+    task_clip: float = dataclasses.field(default=1.0, metadata=check("float", 0.0, 1e9))
+    select_every: int = dataclasses.field(default=10, metadata=check("int", 0, 10_000_000))
+    select_tasks: int = dataclasses.field(default=16, metadata=check("int", 1, 100_000))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """The ``[evaluate]`` table.
+
+    Attributes:
+        tasks: held-out (meta-test) tasks ``N``.
+        steps: training steps ``T``; 0 means the meta-training horizon ``K``.
+        tune_tasks: meta-train draws used to tune the baselines' learning rates.
+        lr_min, lr_max, points_per_decade: the log grid of learning rates.
+        baselines: which baselines to run (learning rates tuned on the grid, except the
+            learning-rate-free ones); ``adafactor`` is torch's, ``prodigy`` and
+            ``schedulefree_adamw`` need the ``baselines`` extra.
+    """
+
+    tasks: int = dataclasses.field(default=20, metadata=check("int", 1, 100_000))
+    steps: int = dataclasses.field(default=0, metadata=check("int", 0, 1_000_000))
+    tune_tasks: int = dataclasses.field(default=8, metadata=check("int", 1, 10_000))
+    lr_min: float = dataclasses.field(default=1e-4, metadata=check("float", 1e-10, 100.0))
+    lr_max: float = dataclasses.field(default=1.0, metadata=check("float", 1e-10, 100.0))
+    points_per_decade: int = dataclasses.field(default=2, metadata=check("int", 1, 20))
+    baselines: tuple = dataclasses.field(default=DEFAULT_BASELINES, metadata=check("str_list", choices=BASELINE_NAMES))
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` if the grid is empty."""
+        if self.lr_min > self.lr_max:
+            raise ValueError(f"lr_min = {self.lr_min} must not exceed lr_max = {self.lr_max}")
+
+    def grid(self) -> list[float]:
+        """The log grid ``lr_min * 10**(k / points_per_decade)`` up to ``lr_max``."""
+        n = int(math.floor(math.log10(self.lr_max / self.lr_min) * self.points_per_decade + 1e-9))
+        return [self.lr_min * 10 ** (k / self.points_per_decade) for k in range(n + 1)]
+
+
+FIXED_TABLES = ("description", "family", "inner", "meta", "evaluate")
+
+
+def tables() -> tuple[str, ...]:
+    """The top-level keys a spec may have: the fixed tables and every rule's table."""
+    return FIXED_TABLES + tuple(spec_tables())
+
+
+@dataclasses.dataclass(frozen=True)
 class Spec:
-    """A parsed, validated task-distribution spec."""
+    """A parsed, validated task-distribution spec; ``rules`` holds the config of every rule
+    table (``[optimizer]``, ``[adaptive]``, ...), defaults where the file has none."""
 
     name: str
     description: str
@@ -48,10 +154,24 @@ class Spec:
     family: Any
     inner: InnerConfig
     meta: MetaConfig
-    optimizer: LayerwiseConfig
     evaluate: EvaluateConfig
+    rules: dict[str, Any]
     path: str | None = None
-    adaptive: AdaptiveConfig = AdaptiveConfig()
+
+    def rule_config(self, rule: str) -> Any:
+        """The config of rule ``rule`` (a name in :data:`~metascale.optim.RULES`) from its table,
+        resolved for this spec's horizon. Raises :class:`SpecError` when the table does not
+        suit the rule (e.g. a momentum variant with ``momentum = 0``)."""
+        from .optim.registry import get_rule
+        try:
+            r = get_rule(rule)
+            return r.resolve(r.config_from(self.rules[r.table]), self.inner.horizon)
+        except ValueError as e:
+            raise SpecError(f"spec {self.name!r}: {e}") from None
+
+    def with_table(self, table: str, config: Any) -> "Spec":
+        """A copy with rule table ``table`` replaced by ``config``."""
+        return dataclasses.replace(self, rules={**self.rules, table: config})
 
     def make_family(self):
         """A family instance built from the ``[family]`` table."""
@@ -73,7 +193,7 @@ class Spec:
                 "family": {"name": self.family_name,
                            **(dict(self.family) if isinstance(self.family, dict) else to_dict(self.family))},
                 "inner": to_dict(self.inner), "meta": to_dict(self.meta),
-                "optimizer": to_dict(self.optimizer), "adaptive": to_dict(self.adaptive),
+                **{t: to_dict(c) for t, c in self.rules.items()},
                 "evaluate": to_dict(self.evaluate)}
 
 
@@ -87,10 +207,11 @@ def spec_from_dict(data: dict, name: str, where: str, path: str | None = None, *
     if not isinstance(data, dict):
         raise SpecError(f"{where}: expected a table")
     data = {k: v for k, v in data.items() if k != "name"}
-    unknown = [k for k in data if k not in TABLES]
+    allowed = tables()
+    unknown = [k for k in data if k not in allowed]
     if unknown:
-        raise SpecError(f"{where}: unknown key {unknown[0]!r}; allowed top-level keys: {', '.join(TABLES)}")
-    for key in TABLES[1:]:
+        raise SpecError(f"{where}: unknown key {unknown[0]!r}; allowed top-level keys: {', '.join(allowed)}")
+    for key in allowed[1:]:
         if key in data and not isinstance(data[key], dict):
             raise SpecError(f"{where}: {key!r} must be a table ([{key}])")
     family = dict(data.get("family") or {})
@@ -106,9 +227,8 @@ def spec_from_dict(data: dict, name: str, where: str, path: str | None = None, *
                 family=family if opaque else from_table(FAMILIES[fname][1], family, f"{where} [family]"),
                 inner=from_table(InnerConfig, data.get("inner"), f"{where} [inner]"),
                 meta=from_table(MetaConfig, data.get("meta"), f"{where} [meta]"),
-                optimizer=from_table(LayerwiseConfig, data.get("optimizer"), f"{where} [optimizer]"),
                 evaluate=from_table(EvaluateConfig, data.get("evaluate"), f"{where} [evaluate]"),
-                adaptive=from_table(AdaptiveConfig, data.get("adaptive"), f"{where} [adaptive]"),
+                rules={t: from_table(cls, data.get(t), f"{where} [{t}]") for t, cls in spec_tables().items()},
                 path=path)
 
 

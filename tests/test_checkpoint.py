@@ -24,7 +24,7 @@ from metascale.losses import LossConfig
 from metascale.meta import MetaTrainer
 from metascale.meta.checkpoint import (FORMAT, FORMAT_VERSION, Checkpoint, checkpoint_digest, open_metrics,
                                        read_checkpoint, restore, run_identity, save_checkpoint)
-from metascale.optim.layerwise import LayerwiseConfig
+from metascale.optim import LayerwiseConfig
 from metascale.spec import load_spec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -303,7 +303,7 @@ def test_other_run_is_refused(ckpt, tmp_path, case):
     spec = small_spec()
     meta = {"log_step_size": torch.zeros(2, 3, 3), "log_scale": torch.zeros(2, 3, 3)}
     adam = torch.optim.Adam(list(meta.values()))
-    args = dict(spec=spec.to_dict(), seed=0, learn="optimizer", rule=spec.optimizer, loss_config=None, inner_lr=None)
+    args = dict(spec=spec.to_dict(), seed=0, learn="optimizer", rule=spec.rules["optimizer"], loss_config=None, inner_lr=None)
     needle = {"seed": "seed differs (checkpoint 0, this run 5)",
               "spec": "spec.inner.objective differs (checkpoint \"log_mean\", this run \"final\")",
               "learn": "learn differs (checkpoint \"optimizer\", this run \"both\")",
@@ -316,7 +316,7 @@ def test_other_run_is_refused(ckpt, tmp_path, case):
     elif case == "learn":
         args.update(learn="both", loss_config=LossConfig())
     elif case == "rule":
-        args["rule"] = dataclasses.replace(spec.optimizer, momentum=0.5)
+        args["rule"] = dataclasses.replace(spec.rules["optimizer"], momentum=0.5)
     with pytest.raises(CheckpointError) as info:
         restore(ckpt, run_identity(**args), meta, None, adam, 1 if case == "past_end" else 10)
     assert needle in str(info.value), str(info.value)
@@ -328,7 +328,7 @@ def test_renamed_spec_still_resumes(ckpt):
     spec.update(name="renamed", description="a copy under another name")
     meta = {"log_step_size": torch.zeros(2, 3, 3), "log_scale": torch.zeros(2, 3, 3)}
     adam = torch.optim.Adam(list(meta.values()))
-    ck = restore(ckpt, run_identity(spec, 0, "optimizer", small_spec().optimizer, None, None), meta, None, adam, 10)
+    ck = restore(ckpt, run_identity(spec, 0, "optimizer", small_spec().rules["optimizer"], None, None), meta, None, adam, 10)
     assert torch.equal(meta["log_scale"], ck.meta["log_scale"]) and adam.state
 
 

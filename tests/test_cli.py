@@ -16,7 +16,9 @@ import torch
 from metascale.cli import main
 from metascale.export import read_optimizer, save_optimizer
 from metascale.optim.groups import MAPPING_RULE
-from metascale.optim.layerwise import LayerwiseConfig, init_meta
+from metascale.optim import RULES, LayerwiseConfig
+
+init_meta = RULES["layerwise"].init_meta
 from metascale.spec import load_spec
 
 REPO = Path(__file__).parent.parent
@@ -145,11 +147,11 @@ def test_meta_train_evaluate_info(capsys, tmp_path):
 
     exp = read_optimizer(opt_file)
     spec = load_spec(spec_path)
-    assert exp.config == spec.optimizer and exp.spec == spec.to_dict() and exp.horizon == 3
+    assert exp.config == spec.rules["optimizer"] and exp.spec == spec.to_dict() and exp.horizon == 3
     assert exp.meta["log_step_size"].shape == (2, 3, 3)
     assert exp.summary["meta_steps"] == 2 and exp.summary["seed"] == 1 and exp.summary["skipped_tasks"] == 0
     # meta-training moved the parameters away from the unit init
-    assert not torch.equal(exp.meta["log_step_size"], init_meta(spec.optimizer, 3)["log_step_size"])
+    assert not torch.equal(exp.meta["log_step_size"], init_meta(spec.rules["optimizer"], 3)["log_step_size"])
 
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert len(records) == 2
@@ -208,7 +210,7 @@ def test_meta_train_evaluate_info(capsys, tmp_path):
     code, out, err = run(capsys, "info", opt_file)
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0] == f"{opt_file}: metascale optimizer, rule layerwise, format version 1"
+    assert lines[0] == f"{opt_file}: metascale optimizer, rule layerwise, format version 2"
     assert "meta-trained on: tiny (" in out and "group mapping rule:" in out
     for key, value in MAPPING_RULE.items():
         assert f"  {key}: {value}" in lines
@@ -473,7 +475,7 @@ def _bad_export(tmp_path: Path, case: str) -> Path:
         "mis_shaped": dict(tensors=lambda t: t.update(log_scale=torch.zeros(2, 3, 4))),
         "float64": dict(tensors=lambda t: t.update(log_scale=t["log_scale"].double())),
         "nan": dict(tensors=lambda t: t["log_scale"].view(-1).__setitem__(0, math.nan)),
-        "version": dict(format_version="2"),
+        "version": dict(format_version="3"),
         "not_json": dict(rule_config="{momentum: 0.9"),
         "huge_int": dict(summary="9" * 5000),
         "extra_key": dict(signature="x"),
@@ -493,7 +495,7 @@ def _bad_export(tmp_path: Path, case: str) -> Path:
     ("mis_shaped", "tensor 'log_scale' has shape (2, 3, 4)"),
     ("float64", "dtype torch.float64; expected float32"),
     ("nan", "non-finite"),
-    ("version", "file format version '2'; this metascale reads version '1'"),
+    ("version", "file format version '3'; this metascale reads versions 1, 2"),
     ("not_json", "metadata 'rule_config' is not valid JSON"),
     ("huge_int", "metadata 'summary' is not valid JSON"),
     ("extra_key", "unexpected ['signature']"),

@@ -19,7 +19,9 @@ from metascale.inner import unroll
 from metascale.meta import MetaTrainer
 from metascale.meta.checkpoint import read_checkpoint
 from metascale.meta.trainer import clipped_mean
-from metascale.optim.layerwise import init_meta
+from metascale.optim import RULES
+
+init_meta = RULES["layerwise"].init_meta
 from metascale.spec import Spec, load_spec
 
 SINE = Path(__file__).resolve().parent.parent / "tasks" / "sine.toml"
@@ -86,8 +88,8 @@ def spec(draws=DRAWS, steps: int = 4, engine: str = "higher", batch: int = B, cl
 
 def meta_loss_and_grad(task, s: Spec) -> tuple[float, bool]:
     """An independent unroll at the initial meta-parameters: (meta-loss, meta-gradient finite)."""
-    meta = {k: v.requires_grad_(True) for k, v in init_meta(s.optimizer, s.inner.horizon).items()}
-    res = unroll(task, meta, s.optimizer, s.inner.steps, objective=s.inner.objective, device="cpu")
+    meta = {k: v.requires_grad_(True) for k, v in init_meta(s.rules["optimizer"], s.inner.horizon).items()}
+    res = unroll(task, meta, s.rules["optimizer"], s.inner.steps, objective=s.inner.objective, device="cpu")
     if not torch.isfinite(res.meta_loss):
         return float(res.meta_loss.detach()), False
     grads = torch.autograd.grad(res.meta_loss, list(meta.values()))
@@ -124,7 +126,7 @@ def test_diverging_tasks_are_dropped_counted_and_logged(tmp_path, engine):
     assert recs[2]["learned"] == recs[1]["learned"]  # the empty meta-step moved nothing
     assert res.summary["skipped_tasks"] == 5 and res.summary["skipped_meta_steps"] == 1
     assert all(torch.isfinite(v).all() for v in res.meta.values())
-    assert not torch.equal(res.meta["log_step_size"], init_meta(spec().optimizer, 3)["log_step_size"])
+    assert not torch.equal(res.meta["log_step_size"], init_meta(spec().rules["optimizer"], 3)["log_step_size"])
 
 
 def test_a_dropped_task_leaves_no_trace_in_the_update(tmp_path):
@@ -160,7 +162,7 @@ def test_every_task_diverging_keeps_the_initial_meta_parameters():
     res = MetaTrainer(s, seed=0, device="cpu", progress=False).train()
     assert res.summary["skipped_tasks"] == 6 and res.summary["skipped_meta_steps"] == 2
     assert res.summary["first_meta_loss"] is None and res.summary["final_meta_loss_avg_last_10pct"] is None
-    init = init_meta(s.optimizer, 3)
+    init = init_meta(s.rules["optimizer"], 3)
     assert all(torch.equal(res.meta[k], init[k]) for k in init)
 
 

@@ -9,7 +9,9 @@ import torch
 from metascale.inner.func_engine import FuncUnrollResult, InnerState, init_state, unroll_func
 from metascale.inner.higher_engine import meta_objective, unroll
 from metascale.losses import LossConfig, make_loss
-from metascale.optim import LayerwiseConfig, init_meta
+from metascale.optim import RULES, LayerwiseConfig
+
+init_meta = RULES["layerwise"].init_meta
 from metascale.tasks import FAMILIES, SineConfig, SineFamily, TaskSampler
 
 F64 = torch.float64
@@ -112,7 +114,7 @@ def test_windows_with_carried_state_equal_one_unroll():
     assert w2.state.step == K
     for p, q in zip(w2.state.params, full.state.params):
         assert torch.allclose(p, q, rtol=1e-12, atol=1e-14)
-    for p, q in zip(w2.state.bufs, full.state.bufs):
+    for p, q in zip(w2.state.buffers(), full.state.buffers()):
         assert torch.allclose(p, q, rtol=1e-12, atol=1e-14)
     assert w1.val_losses[-1] == w2.val_losses[0]
     assert w1.val_losses + w2.val_losses[1:] == pytest.approx(full.val_losses, rel=1e-12, abs=0)
@@ -138,7 +140,7 @@ def test_constant_schedule_windows_with_new_meta_equal_a_per_step_schedule(neste
     w1 = unroll_func(task, a, const, K // 2, objective="mean", total_steps=K)
     w2 = unroll_func(task, b, const, K // 2, objective="mean", total_steps=K, state=w1.state)
     assert w1.val_losses + w2.val_losses[1:] == pytest.approx(ref.val_losses, rel=1e-12, abs=0)
-    for p, q in zip(w2.state.params + w2.state.bufs, ref.state.params + ref.state.bufs):
+    for p, q in zip(w2.state.params + w2.state.buffers(), ref.state.params + ref.state.buffers()):
         assert torch.allclose(p, q, rtol=1e-12, atol=1e-14)
     keys = list(a)
     g_ref = torch.autograd.grad(ref.meta_loss, [per[k] for k in keys])
@@ -181,7 +183,7 @@ def test_init_state_is_the_seeded_model():
     task = small_task()
     model, state = init_state(task, dtype=F64)
     ref = task.make_model(dtype=F64)
-    assert isinstance(state, InnerState) and state.step == 0 and state.bufs == [None] * len(state.params)
+    assert isinstance(state, InnerState) and state.step == 0 and state.groups is None
     for p, q in zip(state.params, ref.parameters()):
         assert torch.equal(p, q) and not p.requires_grad
     assert meta_objective([torch.tensor(2.0)], "log_final").item() == pytest.approx(math.log(2.0))

@@ -18,7 +18,9 @@ from metascale.config import to_dict
 from metascale.errors import ExportFormatError
 from metascale.export import load_optimizer, read_optimizer, save_optimizer
 from metascale.optim.groups import MAPPING_RULE
-from metascale.optim.layerwise import LayerwiseConfig, LayerwiseOptimizer, init_meta
+from metascale.optim import RULES, LayerwiseConfig, LearnedOptimizer
+
+init_meta = RULES["layerwise"].init_meta
 from metascale.spec import load_spec, spec_from_dict
 
 SINE = Path(__file__).parent.parent / "tasks" / "sine.toml"
@@ -26,7 +28,7 @@ HORIZON = 6
 CONFIG = LayerwiseConfig(init_lr=0.01, momentum=0.9, nesterov=False, per_step=True, depth_bins=3)
 SUMMARY = {"meta_steps": 7, "seed": 3, "first_meta_loss": 0.5, "final_meta_loss_avg_last_10pct": 0.125,
            "skipped_tasks": 0, "note": "unicode ok: \u00e9\u03b7"}
-META_KEYS = {"format", "format_version", "rule", "rule_config", "group_mapping", "spec", "summary"}
+META_KEYS = {"format", "format_version", "rule", "rule_config", "horizon", "group_mapping", "spec", "summary"}
 
 
 
@@ -84,7 +86,8 @@ def test_round_trip_is_bitwise(tmp_path, spec_dict, config, horizon, shape):
     assert exp.spec == spec_dict
     assert exp.summary == SUMMARY
     assert exp.group_mapping == MAPPING_RULE
-    assert exp.horizon == shape[2]
+    # the horizon: the schedules' length when they are per step, else the spec's inner horizon
+    assert exp.horizon == (shape[2] if config.per_step else load_spec(SINE).inner.horizon)
     # the stored spec turns back into the spec it came from
     assert spec_from_dict(exp.spec, "sine", str(SINE), str(SINE)) == load_spec(SINE)
 
@@ -93,7 +96,7 @@ def test_round_trip_is_bitwise(tmp_path, spec_dict, config, horizon, shape):
         raw = f.metadata()
         assert sorted(f.keys()) == ["log_scale", "log_step_size"]
     assert set(raw) == META_KEYS
-    assert (raw["format"], raw["format_version"], raw["rule"]) == ("metascale.optimizer", "1", "layerwise")
+    assert (raw["format"], raw["format_version"], raw["rule"]) == ("metascale.optimizer", "2", "layerwise")
     assert json.loads(raw["rule_config"]) == to_dict(config)
     assert json.loads(raw["group_mapping"]) == MAPPING_RULE
 
@@ -148,7 +151,7 @@ def test_resume_from_state_dict(tmp_path, spec_dict, momentum, nesterov):
     resumed, fresh, restepped = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
     opt_resumed = load_optimizer(path, resumed.parameters())
     opt_resumed.load_state_dict(sd)
-    assert [g["step_sizes"] for g in opt_resumed.param_groups] == [g["step_sizes"] for g in opt.param_groups]
+    assert opt_resumed.bound.schedules == opt.bound.schedules
     opt_fresh = load_optimizer(path, fresh.parameters())  # no state: step 0, no buffers
 
     _train(model, opt, x, y, 5)  # crosses the horizon (steps 3..7, horizon 6)
@@ -259,18 +262,19 @@ def test_group_mapping_interpolates_anchors(tmp_path, spec_dict, bins):
             group = opt.param_groups[2 * layer + r]
             assert (group["role"], group["layer"], group["num_layers"]) == (role, layer, 5)
             assert len(group["params"]) == 1 and group["params"][0] is p
-            assert len(group["step_sizes"]) == len(group["scales"]) == HORIZON
-            got_eta = torch.tensor(group["step_sizes"], dtype=torch.float64)
-            got_s = torch.tensor(group["scales"], dtype=torch.float64)
+            step_sizes, scales = opt.bound.schedules[2 * layer + r]
+            assert len(step_sizes) == len(scales) == HORIZON
+            got_eta = torch.tensor(step_sizes, dtype=torch.float64)
+            got_s = torch.tensor(scales, dtype=torch.float64)
             torch.testing.assert_close(got_eta, torch.exp(_expected_log(th_eta[r], depth)), rtol=1e-12, atol=0)
             torch.testing.assert_close(got_s, torch.exp(_expected_log(th_s[r], depth)), rtol=1e-12, atol=0)
     if bins == 3:
         # depth 0.25 is half way between anchors 0 and 0.5: the geometric mean of their step sizes
         eta0, eta1 = torch.exp(th_eta[0, 0]), torch.exp(th_eta[0, 1])
-        torch.testing.assert_close(torch.tensor(opt.param_groups[2]["step_sizes"], dtype=torch.float64),
+        torch.testing.assert_close(torch.tensor(opt.bound.schedules[2][0], dtype=torch.float64),
                                    torch.sqrt(eta0 * eta1), rtol=1e-12, atol=0)
         # the last layer sits exactly on the last anchor
-        torch.testing.assert_close(torch.tensor(opt.param_groups[9]["scales"], dtype=torch.float64),
+        torch.testing.assert_close(torch.tensor(opt.bound.schedules[9][1], dtype=torch.float64),
                                    torch.exp(th_s[1, 2]), rtol=1e-12, atol=0)
 
 
@@ -318,7 +322,7 @@ BAD = {  # id: (mutate(tensors, metadata), expected substring of the message)
                                   _set(t, "log_step_size", torch.zeros(3, 3, S))), "shape (3, 3, 6)"),
     "shape_rank": (lambda t, m: (_set(t, "log_scale", torch.zeros(2, 3 * S)),
                                  _set(t, "log_step_size", torch.zeros(2, 3 * S))), "shape (2, 18)"),
-    "shape_not_per_step": (lambda t, m: _set(m, "rule_config", _cfg(per_step=False)), "S = 1 unless per_step"),
+    "shape_not_per_step": (lambda t, m: _set(m, "rule_config", _cfg(per_step=False)), "expected (2, 3, 1)"),
     "float64": (lambda t, m: _set(t, "log_scale", t["log_scale"].double()), "dtype torch.float64"),
     "float16": (lambda t, m: (_set(t, "log_scale", t["log_scale"].half()),
                               _set(t, "log_step_size", t["log_step_size"].half())), "dtype torch.float16"),
@@ -404,7 +408,7 @@ def test_reading_never_unpickles(good, monkeypatch):
     exp = read_optimizer(path)
     assert torch.equal(exp.meta["log_step_size"], meta["log_step_size"])
     opt = load_optimizer(path, nn.Linear(3, 2).parameters())
-    assert isinstance(opt, LayerwiseOptimizer) and len(opt.param_groups) == 2
+    assert isinstance(opt, LearnedOptimizer) and len(opt.param_groups) == 2
 
 
 def test_tampered_spec_is_rejected(tmp_path, spec_dict):

@@ -41,8 +41,13 @@ from metascale.errors import CheckpointError, ExportFormatError, MetascaleError
 from metascale.export import read_loss, read_optimizer, save_loss, save_optimizer
 from metascale.losses import LossConfig, make_loss
 from metascale.meta.checkpoint import Checkpoint, checkpoint_digest, read_checkpoint, run_identity, save_checkpoint
-from metascale.optim import AdaptiveConfig, init_meta
-from metascale.optim.adaptive import init_net
+from metascale.optim import RULES, AdaptiveConfig
+
+init_meta = RULES["layerwise"].init_meta
+
+
+def init_net(cfg, seed=0):
+    return RULES["adaptive-momentum" if cfg.momentum > 0 else "adaptive"].init_meta(cfg, 20, seed=seed)
 from metascale.spec import load_spec
 
 SEED = 20260521
@@ -91,13 +96,13 @@ def loss_kind(tmp: Path, spec: dict) -> Kind:
 
 def checkpoint_kind(tmp: Path, spec_obj) -> Kind:
     g = torch.Generator().manual_seed(1)
-    meta = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in init_meta(spec_obj.optimizer, 3).items()}
+    meta = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in init_meta(spec_obj.rules["optimizer"], 3).items()}
     loss = {k: v.detach().clone()
             for k, v in make_loss("regression", LossConfig(hidden=4), seed=1).state_dict().items()}
     adam = {f"{grp}.{k}": {"step": torch.tensor(2.0), "exp_avg": torch.randn(v.shape, generator=g),
                            "exp_avg_sq": torch.rand(v.shape, generator=g)}
             for grp, d in (("meta", meta), ("loss", loss)) for k, v in d.items()}
-    ck = Checkpoint(run=run_identity(spec_obj.to_dict(), 0, "both", spec_obj.optimizer, LossConfig(hidden=4), None),
+    ck = Checkpoint(run=run_identity(spec_obj.to_dict(), 0, "both", spec_obj.rules["optimizer"], LossConfig(hidden=4), None),
                     step=3, skipped=9, history=[0.5, None, 0.25], elapsed_s=1.5, device="cpu", meta=meta, loss=loss,
                     adam=adam, rng={"torch": torch.Generator().manual_seed(5).get_state()})
     path = save_checkpoint(tmp / "checkpoint.safetensors", ck)
@@ -307,10 +312,10 @@ def kinds(tmp_path_factory) -> dict[str, Kind]:
     spec = load_spec(SINE)
     spec = dataclasses.replace(spec, inner=dataclasses.replace(spec.inner, steps=3))
     g = torch.Generator().manual_seed(0)
-    layerwise = {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in init_meta(spec.optimizer, 3).items()}
-    adaptive_cfg = AdaptiveConfig(hidden=4)
+    layerwise = {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in init_meta(spec.rules["optimizer"], 3).items()}
+    adaptive_cfg = AdaptiveConfig(hidden=4, table_steps=20)
     adaptive = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in init_net(adaptive_cfg, seed=1).items()}
-    return {"optimizer": optimizer_kind(tmp, "optimizer", spec.optimizer, layerwise, spec.to_dict()),
+    return {"optimizer": optimizer_kind(tmp, "optimizer", spec.rules["optimizer"], layerwise, spec.to_dict()),
             "adaptive": optimizer_kind(tmp, "adaptive", adaptive_cfg, adaptive, spec.to_dict()),
             "loss": loss_kind(tmp, spec.to_dict()),
             "checkpoint": checkpoint_kind(tmp, spec)}

@@ -20,7 +20,7 @@ from metascale.evaluate import evaluate
 from metascale.export import read_optimizer
 from metascale.interop.learn2learn import (Learn2LearnSampler, import_learn2learn, learn2learn_spec,
                                            split_support_query)
-from metascale.optim.rules import init_rule_meta
+from metascale.optim import RULES
 from metascale.spec import EXTERNAL, spec_from_dict
 from metascale.tasks.base import mlp
 from metascale.tasks.digits import load
@@ -153,7 +153,7 @@ def test_meta_train_export_and_load_end_to_end(tmp_path):
     assert first.summary["skipped_tasks"] == 0 and math.isfinite(first.summary["first_meta_loss"])
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
     # three Adam steps of 0.03 on the log step sizes: the largest move is close to 3 x 0.03
-    moved = (first.meta["log_step_size"] - init_rule_meta(first.rule, spec.inner.horizon)["log_step_size"]).abs().max()
+    moved = (first.meta["log_step_size"] - RULES[first.summary["rule"]].init_meta(first.rule, spec.inner.horizon)["log_step_size"]).abs().max()
     assert 0.06 < moved <= 0.09 + 1e-6
     path = metascale.save_optimizer(tmp_path / "o.safetensors", first.meta, first.rule, spec.to_dict(), first.summary)
     exported = read_optimizer(path)

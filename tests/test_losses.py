@@ -13,7 +13,9 @@ from metascale.errors import ExportFormatError
 from metascale.export import read_loss
 from metascale.inner import unroll
 from metascale.losses import LossConfig, make_loss
-from metascale.optim import LayerwiseConfig, init_meta
+from metascale.optim import RULES, LayerwiseConfig
+
+init_meta = RULES["layerwise"].init_meta
 from metascale.spec import load_spec
 from metascale.tasks import SineConfig, SineFamily, TaskSampler
 

@@ -11,7 +11,9 @@ import torch
 
 from metascale.inner import meta_objective, unroll
 from metascale.meta import MetaTrainer
-from metascale.optim import LayerwiseConfig, init_meta
+from metascale.optim import RULES, LayerwiseConfig
+
+init_meta = RULES["layerwise"].init_meta
 from metascale.spec import load_spec
 from metascale.tasks import SineConfig, SineFamily, TaskSampler
 
@@ -68,7 +70,7 @@ def tiny_spec(name: str = "sine.toml", **over):
     return dataclasses.replace(
         spec, inner=dataclasses.replace(spec.inner, steps=over.get("K", 4)),
         meta=dataclasses.replace(spec.meta, batch_size=over.get("B", 2), steps=over.get("steps", 3)),
-        optimizer=dataclasses.replace(spec.optimizer, **over.get("opt", {})))
+        rules={**spec.rules, "optimizer": dataclasses.replace(spec.rules["optimizer"], **over.get("opt", {}))})
 
 
 def test_same_seed_same_meta_training_result(tmp_path):
@@ -91,9 +93,9 @@ def test_metrics_jsonl_and_meta_parameters_move(tmp_path):
     for l in lines:
         assert math.isfinite(l["meta_loss"]) and l["meta_grad_norm"] > 0 and l["tasks_ok"] == 2
         assert set(l["learned"]) == {"matrix", "vector"}
-        assert len(l["learned"]["matrix"]["step_size"]) == spec.optimizer.depth_bins
+        assert len(l["learned"]["matrix"]["step_size"]) == spec.rules["optimizer"].depth_bins
         assert len(l["learned"]["matrix"]["step_size"][0]) == spec.inner.steps
-    init = init_meta(spec.optimizer, spec.inner.steps)
+    init = init_meta(spec.rules["optimizer"], spec.inner.steps)
     # Adam moves every entry by about lr per step in the first steps
     moved = (res.meta["log_step_size"] - init["log_step_size"]).abs()
     assert moved.max() > 0.5 * spec.meta.lr and moved.max() < 4 * spec.meta.lr + 1e-6
@@ -107,7 +109,7 @@ def test_diverging_tasks_are_skipped_and_meta_parameters_stay_finite():
     spec = tiny_spec(steps=2, K=30, opt={"init_lr": 1e4, "momentum": 0.9})
     res = MetaTrainer(spec, seed=0, device="cpu", progress=False).train()
     assert res.summary["skipped_tasks"] == 4
-    init = init_meta(spec.optimizer, spec.inner.steps)
+    init = init_meta(spec.rules["optimizer"], spec.inner.steps)
     assert torch.equal(res.meta["log_step_size"], init["log_step_size"])
     assert all(torch.isfinite(v).all() for v in res.meta.values())
 
@@ -133,6 +135,6 @@ def test_truncated_windows_carry_state_and_learn_a_horizon_long_schedule(tmp_pat
     r2 = MetaTrainer(spec, seed=0, device="cpu", progress=False).train()
     assert r1.meta["log_step_size"].shape[-1] == 12
     assert torch.equal(r1.meta["log_step_size"], r2.meta["log_step_size"])
-    init = init_meta(spec.optimizer, 12)
+    init = init_meta(spec.rules["optimizer"], 12)
     moved = (r1.meta["log_step_size"] - init["log_step_size"]).abs().amax(dim=(0, 1))
     assert (moved[:4] > 0).all() and (moved[4:8] > 0).all() and (moved[8:] > 0).all()

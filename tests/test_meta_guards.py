@@ -125,7 +125,8 @@ def test_offset_table_meta_trains_at_lr():
     spec = spec_with()
     init, one = run(spec, 0), run(spec, 1)
     moved = {k: float((one.meta[k] - init.meta[k]).abs().max()) for k in init.meta}
-    assert init.meta["table"].shape == (2, 2, 3, 20) and init.meta["table"].abs().sum() == 0
+    # the table covers the meta-training horizon K (table_steps unset: it follows from K)
+    assert init.meta["table"].shape == (2, 2, 3, spec.inner.horizon) and init.meta["table"].abs().sum() == 0
     for k in ("table", "b2"):
         assert moved[k] == pytest.approx(spec.meta.lr, rel=1e-3), k
     for k in ("w2", "wl"):

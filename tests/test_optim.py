@@ -8,9 +8,19 @@ import pytest
 import torch
 from torch import nn
 
-from metascale.optim import (LayerwiseConfig, LayerwiseOptimizer, differentiable_override, group_parameters,
-                             init_meta, layerwise_update)
+from metascale.inner.higher_engine import differentiable_optimizer
+from metascale.optim import RULES, GroupInfo, LayerwiseConfig, LearnedOptimizer, group_parameters
+from metascale.optim.kernels import heavy_ball
+from metascale.optim.layerwise import group_schedules
 
+init_meta = RULES["layerwise"].init_meta
+
+
+def LayerwiseOptimizer(params, meta, *, momentum=0.0, nesterov=False, foreach=None, lr=1.0):
+    """The frozen optimizer of the layer-wise rule with these settings (schedules from ``meta``)."""
+    cfg = LayerwiseConfig(momentum=momentum, nesterov=nesterov, per_step=meta["log_scale"].shape[-1] > 1,
+                          depth_bins=meta["log_scale"].shape[1])
+    return LearnedOptimizer(params, meta, cfg, total_steps=100, lr=lr, foreach=foreach)
 
 
 
@@ -115,8 +125,8 @@ def test_frozen_step_equals_higher_step(case):
     x, y = data()
     m1, m2 = make_model(), make_model()
     frozen = LayerwiseOptimizer(m1.parameters(), meta, **case)
-    opt2 = LayerwiseOptimizer(m2.parameters(), meta, **case)
-    with higher.innerloop_ctx(m2, opt2, override=differentiable_override(opt2, meta)) as (fm, diffopt):
+    opt2, override = differentiable_optimizer(m2.parameters(), meta, cfg, 100)
+    with higher.innerloop_ctx(m2, opt2, override=override) as (fm, diffopt):
         for t in range(12):
             idx = torch.arange(t % 4, x.shape[0], 4)
             frozen.zero_grad()
@@ -128,15 +138,14 @@ def test_frozen_step_equals_higher_step(case):
 
 
 def test_pure_update_leaves_inputs_untouched_out_of_place():
-    p = [torch.ones(3, dtype=torch.float64), torch.ones(2, 2, dtype=torch.float64)]
-    g = [torch.full((3,), 2.0, dtype=torch.float64), None]
-    b = [torch.full((3,), 0.5, dtype=torch.float64), None]
-    new_p, new_b = layerwise_update(p, g, b, step_size=0.1, scale=2.0, momentum=0.9, nesterov=False, inplace=False)
+    p = [torch.ones(3, dtype=torch.float64)]
+    g = [torch.full((3,), 2.0, dtype=torch.float64)]
+    b = [torch.full((3,), 0.5, dtype=torch.float64)]
+    new_p, new_b = heavy_ball(p, g, b, lr=0.1, scale=2.0, momentum=0.9, nesterov=False)
     assert torch.equal(p[0], torch.ones(3, dtype=torch.float64)) and torch.equal(b[0], torch.full((3,), 0.5, dtype=torch.float64))
     # b = 0.9 * 0.5 + 2 * 2 = 4.45; p = 1 - 0.1 * 4.45
     assert torch.allclose(new_b[0], torch.full((3,), 4.45, dtype=torch.float64), rtol=0, atol=1e-15)
     assert torch.allclose(new_p[0], torch.full((3,), 1 - 0.445, dtype=torch.float64), rtol=0, atol=1e-15)
-    assert new_p[1] is p[1] and new_b[1] is None  # no gradient: parameter skipped
 
 
 def test_schedule_is_held_past_its_horizon():
@@ -145,14 +154,15 @@ def test_schedule_is_held_past_its_horizon():
     meta = perturbed_meta(cfg, 3)
     lin = nn.Linear(2, 1, bias=False).double()
     opt = LayerwiseOptimizer(lin.parameters(), meta)
-    last = opt.param_groups[0]["step_sizes"][-1] * opt.param_groups[0]["scales"][-1]
+    eta, s = (x.tolist() for x in group_schedules(meta, GroupInfo("matrix", 0, 1)))
     for t in range(6):
         before = lin.weight.detach().clone()
         lin.weight.grad = torch.ones_like(lin.weight)
         opt.step()
-        eff = opt.param_groups[0]["step_sizes"][min(t, 2)] * opt.param_groups[0]["scales"][min(t, 2)]
+        eff = eta[min(t, 2)] * s[min(t, 2)]
         assert torch.allclose(before - lin.weight.detach(), torch.full_like(before, eff), rtol=1e-14, atol=0)
-    assert eff == last
+        assert opt.param_groups[0]["last_step_size"] * opt.param_groups[0]["last_scale"] == pytest.approx(eff, rel=1e-15)
+    assert eff == eta[-1] * s[-1]
 
 
 def test_params_without_grad_are_skipped_and_zero_grads_are_finite():

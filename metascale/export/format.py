@@ -1,91 +1,90 @@
 """The exported optimizer file: one ``.safetensors`` file, no pickle.
 
-Tensors: the rule's meta-parameters, unconstrained: ``log_step_size`` and ``log_scale`` of
-shape ``(roles, depth_bins, S)`` for the layer-wise rule; the shared network's ``w1``, ``b1``,
-``w2``, ``b2``, ``wl`` and, when ``table_steps > 0``, the offset ``table``
-(:func:`~metascale.optim.adaptive.net_shapes`) for the adaptive rule. An adaptive file whose
-``rule_config`` has no ``table_steps`` (written before the table existed) reads as
-``table_steps = 0``.
+Tensors: the rule's meta-parameters, unconstrained (e.g. ``log_step_size`` and ``log_scale``
+for the layer-wise rule, the shared network for the adaptive ones), named and shaped as the
+rule declares for its config and horizon (:meth:`metascale.optim.Rule.meta_shapes`).
 Metadata (string -> string, JSON values):
 
 =================  ==========================================================
 ``format``         ``"metascale.optimizer"``
-``format_version`` ``"1"``
-``rule``           ``"layerwise"`` or ``"adaptive"`` (both variants; ``momentum`` tells them apart)
-``rule_config``    the rule's config (:class:`~metascale.optim.LayerwiseConfig` or
-                   :class:`~metascale.optim.AdaptiveConfig`)
+``format_version`` ``"2"`` (version ``"1"`` files, written by release 0.1.0, still load)
+``rule``           the rule's registry key (:data:`metascale.optim.RULES`)
+``rule_config``    the rule's config, resolved for the horizon
+``horizon``        the inner horizon ``K`` it was meta-trained on (the default ``total_steps``)
 ``group_mapping``  the role/depth mapping rule (:data:`~metascale.optim.MAPPING_RULE`)
 ``spec``           the task-distribution spec it was meta-trained on
 ``summary``        a meta-training summary (steps, seed, losses, wall time)
 =================  ==========================================================
 
-Loading validates all of it and raises :class:`~metascale.errors.ExportFormatError` with a
-clear message for a truncated file, another format version, missing/extra/mis-shaped tensors
-or tampered metadata. ``safetensors`` parses a JSON header and raw buffers: nothing is
-unpickled and no code runs.
+Version 1 had no ``horizon`` (it is the stored spec's inner horizon) and named the rule by its
+config type (``rule = "adaptive"`` for both adaptive variants, ``momentum`` told them apart;
+an adaptive ``rule_config`` without ``table_steps`` predates the offset table: 0).
+
+Loading checks the header, the metadata and the declared shapes against what the stored config
+and horizon imply before it reads a tensor (:mod:`metascale.safeio`), then finiteness and the
+rule's own checks (e.g. ``exp`` of every stored log step size and scale), and raises
+:class:`~metascale.errors.ExportFormatError` with one line for anything else.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import from_table, to_dict
 from ..errors import ExportFormatError, SpecError
-from ..optim.groups import MAPPING_RULE, ROLES
-from ..optim.adaptive import AdaptiveConfig, net_shapes
-from ..optim.layerwise import META_NAMES, LayerwiseConfig
-from ..optim.rules import RuleConfig, frozen_optimizer
+from ..optim import MAPPING_RULE, RULES, LearnedOptimizer, rule_for
+from ..safeio import clip_text, read_safetensors
 
 FORMAT = "metascale.optimizer"
-FORMAT_VERSION = "1"
-RULES = ("layerwise", "adaptive")
-_CONFIGS = {"layerwise": LayerwiseConfig, "adaptive": AdaptiveConfig}
-_KEYS = ("format", "format_version", "rule", "rule_config", "group_mapping", "spec", "summary")
+FORMAT_VERSION = "2"
+READS = ("1", "2")
+_KEYS = {"1": ("format", "format_version", "rule", "rule_config", "group_mapping", "spec", "summary"),
+         "2": ("format", "format_version", "rule", "rule_config", "horizon", "group_mapping", "spec", "summary")}
+MAX_HORIZON = 10_000_000
 
 
 @dataclasses.dataclass
 class ExportedOptimizer:
-    """The validated content of an exported file."""
+    """The validated content of an exported file (``rule``: the registry key)."""
 
     meta: dict[str, torch.Tensor]
     rule: str
-    config: RuleConfig
+    config: Any
     spec: dict
     summary: dict
     group_mapping: dict
-
-    @property
-    def horizon(self) -> int:
-        """Length ``S`` of the learned schedules (1 when not per step); for the adaptive rule,
-        the inner horizon it was meta-trained on (its default ``total_steps``)."""
-        if self.rule == "adaptive":
-            inner = self.spec.get("inner", {})
-            return int(inner.get("steps", 20)) * int(inner.get("windows", 1))
-        return int(self.meta["log_step_size"].shape[-1])
+    horizon: int
 
 
-def _tensor_names(rule: str, config: RuleConfig) -> tuple[str, ...]:
-    return tuple(net_shapes(config)) if rule == "adaptive" else META_NAMES
+def _stored_spec(spec: dict, where: str):
+    from ..spec import spec_from_dict
+    try:
+        return spec_from_dict(spec, str(spec.get("name", "spec")), where, unknown_family_ok=True)
+    except SpecError as e:
+        raise ExportFormatError(clip_text(f"invalid {e}", 300)) from None
 
 
-def save_optimizer(path: str | Path, meta: dict[str, torch.Tensor], config: RuleConfig,
-                   spec: dict, summary: dict) -> Path:
-    """Write meta-parameters and metadata to ``path`` (parent folders are created); the rule
-    follows from the type of ``config``."""
+def save_optimizer(path: str | Path, meta: dict[str, torch.Tensor], config: Any, spec: dict, summary: dict, *,
+                   horizon: int | None = None) -> Path:
+    """Write meta-parameters and metadata to ``path`` (parent folders are created). The rule
+    is the one ``config`` belongs to; ``horizon`` defaults to the one ``meta``'s shapes imply,
+    else the spec's inner horizon."""
     path = Path(path)
+    rule = rule_for(config)
+    if horizon is None:
+        horizon = rule.horizon_of(meta, config) or _stored_spec(spec, "spec").inner.horizon
+    horizon = int(horizon)
+    config = rule.resolve(config, horizon)
+    tensors = {k: meta[k].detach().cpu().float().contiguous() for k in rule.meta_shapes(config, horizon)}
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "rule": rule.name,
+                "rule_config": json.dumps(to_dict(config)), "horizon": str(horizon),
+                "group_mapping": json.dumps(MAPPING_RULE), "spec": json.dumps(spec), "summary": json.dumps(summary)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    rule = "adaptive" if isinstance(config, AdaptiveConfig) else "layerwise"
-    tensors = {k: meta[k].detach().cpu().float().contiguous() for k in _tensor_names(rule, config)}
-    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "rule": rule,
-                "rule_config": json.dumps(to_dict(config)), "group_mapping": json.dumps(MAPPING_RULE),
-                "spec": json.dumps(spec), "summary": json.dumps(summary)}
     save_file(tensors, str(path), metadata=metadata)
     return path
 
@@ -100,98 +99,97 @@ def _json(meta: dict, key: str, path: Path) -> dict:
     return value
 
 
-def read_safetensors(path: Path, fmt: str | None = None, version: str | None = None) -> tuple[dict, dict]:
-    """``(metadata, tensors)`` of a safetensors file; :class:`ExportFormatError` if unreadable
-    or, when ``fmt``/``version`` are given, of another format or format version."""
-    if not path.is_file():
-        raise ExportFormatError(f"{path}: no such file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises several types for corrupt input
-        raise ExportFormatError(f"{path}: not a readable safetensors file (truncated or corrupted?): "
-                                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    if fmt is not None and meta.get("format") != fmt:
-        what = fmt.split(".")[-1]
-        raise ExportFormatError(f"{path}: not a metascale {what} file (format = {meta.get('format')!r})")
-    if version is not None and meta.get("format_version") != version:
-        raise ExportFormatError(f"{path}: file format version {meta.get('format_version')!r}; this metascale "
-                                f"reads version {version!r}")
-    return meta, tensors
-
-
-
-def _check_layerwise(path: Path, tensors: dict[str, torch.Tensor], config: LayerwiseConfig) -> None:
-    """Shapes and finite step sizes of the layer-wise rule's schedules."""
-    shape = tensors["log_step_size"].shape
-    for k, t in tensors.items():
-        if t.dim() != 3 or t.shape != shape or t.shape[0] != len(ROLES) or t.shape[1] != config.depth_bins \
-                or t.shape[2] < 1 or (not config.per_step and t.shape[2] != 1):
-            raise ExportFormatError(f"{path}: tensor {k!r} has shape {tuple(t.shape)}; expected "
-                                    f"({len(ROLES)}, {config.depth_bins}, S) with S >= 1 (S = 1 unless per_step), "
-                                    "the same for all tensors")
-    if not all(math.isfinite(x) for x in torch.exp(tensors["log_step_size"]).flatten().tolist()):
-        raise ExportFormatError(f"{path}: step sizes overflow")
-
-
-def read_optimizer(path: str | Path) -> ExportedOptimizer:
-    """Read and validate an exported optimizer file.
-
-    Raises:
-        ExportFormatError: for anything but a well-formed file of this format version.
-    """
-    path = Path(path)
-    meta_str, tensors = read_safetensors(path, FORMAT, FORMAT_VERSION)
-    missing = [k for k in _KEYS if k not in meta_str]
-    extra = [k for k in meta_str if k not in _KEYS]
+def _header(path: Path, meta_str: dict, declared: dict) -> tuple:
+    """Rule, config, horizon, spec, summary and mapping from the metadata, before any tensor."""
+    if meta_str.get("format") != FORMAT:
+        raise ExportFormatError(f"{path}: not a metascale optimizer file "
+                                f"(format = {clip_text(repr(meta_str.get('format')), 60)})")
+    version = meta_str.get("format_version")
+    if version not in READS:
+        raise ExportFormatError(f"{path}: file format version {clip_text(repr(version), 40)}; this metascale reads "
+                                f"versions {', '.join(READS)}")
+    missing = [k for k in _KEYS[version] if k not in meta_str]
+    extra = [clip_text(k, 40) for k in meta_str if k not in _KEYS[version]][:3]
     if missing or extra:
         raise ExportFormatError(f"{path}: metadata keys {'missing ' + str(missing) if missing else ''}"
                                 f"{' unexpected ' + str(extra) if extra else ''}")
-    rule = meta_str["rule"]
-    if rule not in RULES:
-        raise ExportFormatError(f"{path}: unknown rule {rule!r}; this metascale knows {', '.join(RULES)}")
+    name = meta_str["rule"]
+    if name not in RULES:
+        raise ExportFormatError(f"{path}: unknown rule {clip_text(repr(name), 60)}; this metascale knows "
+                                f"{', '.join(RULES)}")
     stored = _json(meta_str, "rule_config", path)
-    if rule == "adaptive":  # files written before the offset table existed have none
-        stored.setdefault("table_steps", 0)
-    try:
-        config = from_table(_CONFIGS[rule], stored, "rule_config")
-    except SpecError as e:
-        raise ExportFormatError(f"{path}: invalid {e}") from None
     spec, summary, mapping = (_json(meta_str, k, path) for k in ("spec", "summary", "group_mapping"))
-    from ..spec import spec_from_dict  # local: the spec module imports the whole pipeline
+    parsed = _stored_spec(spec, f"{path}: stored spec")
+    stored = RULES[name].upgrade(stored, version)
     try:
-        spec_from_dict(spec, str(spec.get("name", "spec")), f"{path}: stored spec", unknown_family_ok=True)
+        config = from_table(RULES[name].config_type, stored, "rule_config")
     except SpecError as e:
-        raise ExportFormatError(f"invalid {e}") from None
+        raise ExportFormatError(clip_text(f"{path}: invalid {e}", 300)) from None
+    if version == "1":  # the rule was named by its config type; the registry key follows from the config;
+        # the horizon is the one the tensors imply (shapes only: "meta" tensors hold no memory), else the spec's
+        rule = rule_for(config)
+        shapes = {k: torch.empty(shape, device="meta") for k, (_, shape) in declared.items()}
+        try:
+            horizon = rule.horizon_of(shapes, config) or parsed.inner.horizon
+        except (KeyError, IndexError):  # tensors missing or mis-shaped: reported below
+            horizon = parsed.inner.horizon
+    else:
+        rule = RULES[name]
+        if not rule.owns(config):
+            raise ExportFormatError(f"{path}: rule_config does not fit rule {name!r}")
+        text = meta_str["horizon"]
+        if not (text.isdigit() and len(text) <= 9 and 1 <= int(text) <= MAX_HORIZON):
+            raise ExportFormatError(f"{path}: horizon {clip_text(repr(text), 40)} is not an integer in "
+                                    f"[1, {MAX_HORIZON}]")
+        horizon = int(text)
+    if rule.resolve(config, horizon) != config:
+        raise ExportFormatError(f"{path}: rule_config is not resolved for horizon {horizon}")
     if mapping != MAPPING_RULE:
         raise ExportFormatError(f"{path}: group mapping rule differs from this metascale's (file tampered with?)")
-    names = _tensor_names(rule, config)
-    if set(tensors) != set(names):
-        raise ExportFormatError(f"{path}: tensors {sorted(tensors)}; expected exactly {list(names)}")
+    return rule, config, horizon, spec, summary, mapping
+
+
+def read_optimizer(path: str | Path) -> ExportedOptimizer:
+    """Read and validate an exported optimizer file (see the module doc).
+
+    Raises:
+        ExportFormatError: for anything but a well-formed file of a version this release reads.
+    """
+    path = Path(path)
+    found = {}
+
+    def check(meta_str, declared):
+        found["header"] = _header(path, meta_str, declared)
+        rule, config, horizon = found["header"][:3]
+        want = rule.meta_shapes(config, horizon)
+        if set(declared) != set(want):
+            raise ExportFormatError(f"{path}: tensors {clip_text(sorted(declared), 120)}; expected exactly "
+                                    f"{list(want)}")
+        for k, (dtype, shape) in declared.items():
+            if dtype != torch.float32:
+                raise ExportFormatError(f"{path}: tensor {k!r} has dtype {dtype}; expected float32")
+            if shape != tuple(want[k]):
+                raise ExportFormatError(f"{path}: tensor {k!r} has shape {clip_text(shape, 60)}; expected "
+                                        f"{tuple(want[k])} for its rule_config and horizon {horizon}")
+
+    _, tensors = read_safetensors(path, check=check)
+    rule, config, horizon, spec, summary, mapping = found["header"]
     for k, t in tensors.items():
-        if t.dtype != torch.float32:
-            raise ExportFormatError(f"{path}: tensor {k!r} has dtype {t.dtype}; expected float32")
         if not torch.isfinite(t).all():
             raise ExportFormatError(f"{path}: tensor {k!r} holds non-finite values")
-    if rule == "adaptive":
-        for k, want in net_shapes(config).items():
-            if tuple(tensors[k].shape) != want:
-                raise ExportFormatError(f"{path}: tensor {k!r} has shape {tuple(tensors[k].shape)}; expected {want} "
-                                        f"(hidden = {config.hidden}, table_steps = {config.table_steps}, "
-                                        f"depth_bins = {config.depth_bins})")
-    else:
-        _check_layerwise(path, tensors, config)
-    return ExportedOptimizer(meta=tensors, rule=rule, config=config, spec=spec, summary=summary,
-                             group_mapping=mapping)
+    problem = rule.check_meta(tensors, config)
+    if problem:
+        raise ExportFormatError(f"{path}: {problem}")
+    return ExportedOptimizer(meta=tensors, rule=rule.name, config=config, spec=spec, summary=summary,
+                             group_mapping=mapping, horizon=horizon)
 
 
 def load_optimizer(path: str | Path, params: Iterable[torch.Tensor], *, lr: float = 1.0,
                    foreach: bool | None = None, total_steps: int | None = None) -> torch.optim.Optimizer:
     """Load an exported optimizer for ``params`` (any model: groups are matched by role and
     relative depth). ``lr`` multiplies every learned step size (for LR schedulers).
-    ``total_steps`` is your training budget ``T`` for the adaptive rule (its fraction-done
-    feature; default: the meta-training horizon); the layer-wise rule ignores it.
+    ``total_steps`` is your training budget ``T`` (default: the meta-training horizon), for
+    rules that read the fraction of training done.
 
     Example::
 
@@ -200,7 +198,8 @@ def load_optimizer(path: str | Path, params: Iterable[torch.Tensor], *, lr: floa
             opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
     """
     exp = read_optimizer(path)
-    if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 1):
+    if total_steps is not None and (not isinstance(total_steps, int) or isinstance(total_steps, bool)
+                                    or total_steps < 1):
         raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
-    return frozen_optimizer(params, exp.meta, exp.config, total_steps=total_steps or exp.horizon, lr=lr,
+    return LearnedOptimizer(params, exp.meta, exp.config, total_steps=total_steps or exp.horizon, lr=lr,
                             foreach=foreach)

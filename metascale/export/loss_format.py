@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from ..config import from_table, to_dict
 from ..errors import ExportFormatError, SpecError
 from ..losses import LossConfig, make_loss
-from .format import read_safetensors
+from ..safeio import read_header, read_safetensors
 
 LOSS_FORMAT = "metascale.loss"
 LOSS_FORMAT_VERSION = "1"
@@ -51,7 +51,7 @@ def save_loss(path: str | Path, loss: torch.nn.Module, spec: dict, summary: dict
 
 def file_format(path: str | Path) -> str:
     """``"metascale.optimizer"`` or ``"metascale.loss"`` (or whatever the file claims)."""
-    return read_safetensors(Path(path))[0].get("format", "")
+    return read_header(Path(path))[0].get("format", "")
 
 
 def read_loss(path: str | Path) -> ExportedLoss:

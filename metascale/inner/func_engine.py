@@ -1,46 +1,33 @@
 r"""The ``torch.func`` engine: the same K differentiable steps as :mod:`.higher_engine`,
 written directly with ``torch.func.functional_call`` and ``torch.autograd.grad``.
 
-The fast weights are a plain list of tensors; step ``t`` of group ``g`` (schedules from
-:func:`~metascale.optim.layerwise.group_schedules`, entry ``t`` held past the horizon) is
+The fast weights are a plain list of tensors; step ``t`` is
 
 .. math::
 
     g_t = \nabla_p \ell(f(x_t; p_t), y_t), \qquad
-    (p_{t+1}, b_{t+1}) = \mathrm{layerwise\_update}(p_t, g_t, b_t;\ \eta_{g,t}, s_{g,t}),
+    (p_{t+1}, \sigma_{t+1}) = \mathrm{step}(p_t, g_t, \sigma_t;\ \text{bind}(\theta)),
 
-the one pure update function also used by the frozen optimizer and the ``higher`` twin, so
-both engines compute the same numbers (to rounding). Unlike ``higher``, the state between
-steps is explicit (:class:`InnerState`), so a long unroll can be cut into windows: pass the
-returned ``state`` (optionally detached, which truncates the meta-gradient) to the next call.
-
-The adaptive rule (:class:`~metascale.optim.AdaptiveConfig`) runs
-:func:`~metascale.optim.adaptive.adaptive_step` on all groups at once instead, and carries its
-per-group statistics in :attr:`InnerState.stats`; its ``fraction_done`` feature uses
-``total_steps``.
-
-Speed (static rule): where ``s`` is constant over the run (``per_step = false``) or there is no momentum,
-the rule depends on ``eta`` and ``s`` only through ``eta s`` (with ``b = s b'``:
-:math:`b'_t = \mu b'_{t-1} + g_t`, :math:`p_{t+1} = p_t - \eta_t s\, (b'_t \text{ or }
-g_t + \mu b'_t)`), so the group runs with step size ``eta_t s`` and scale 1 on ``b'``; the
-carried buffers are converted at the call boundaries, so :class:`InnerState` always holds
-``b``. Then ``s g_t`` is a product with the float 1 instead of a tensor that requires grad:
-autograd neither saves every inner gradient ``g_t`` for ``d/ds`` nor computes
-:math:`\langle \bar g, g_t \rangle` in the backward (~7% of a meta-step for an MLP).
+the rule's one pure step (:meth:`metascale.optim.Rule.step`, out of place), which the frozen
+optimizer and the ``higher`` engine also call, so the engines compute the same numbers (to
+rounding). Unlike ``higher``, the state between steps is explicit (:class:`InnerState`: the
+parameters and a :class:`~metascale.optim.GroupState` per parameter group), so a long unroll
+can be cut into windows: pass the returned ``state`` (optionally detached, which truncates the
+meta-gradient) to the next call. The state is always held in the rule's external units: a rule
+that keeps its buffers in other units for speed (the layer-wise rule folds a constant ``s``
+into ``eta``) converts them at the call boundaries (``Rule.enter`` / ``Rule.leave``).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..optim.adaptive import AdaptiveConfig, AdaptiveStats, adaptive_step
-from ..optim.groups import group_parameters
-from ..optim.layerwise import LayerwiseConfig, _at, folded_schedules, layerwise_update
+from ..optim import GroupState, GroupView, group_parameters, rule_for
 from ..tasks.base import Task
 from .higher_engine import UnrollResult, meta_objective
 
@@ -51,21 +38,23 @@ class InnerState:
 
     Attributes:
         params: fast weights, in ``model.parameters()`` order.
-        bufs: momentum buffers, same order (``None``: not created yet).
-        step: inner steps taken so far (indexes the schedules and the minibatches).
-        stats: the adaptive rule's per-group running statistics (``None`` for the static rule).
+        groups: the rule's state per parameter group (``group_parameters`` order; ``None``
+            before the first step).
+        step: inner steps taken so far (indexes the minibatches and the learned loss's time).
     """
 
     params: list[torch.Tensor]
-    bufs: list[torch.Tensor | None]
+    groups: list[GroupState] | None = None
     step: int = 0
-    stats: AdaptiveStats | None = None
 
     def detach(self) -> "InnerState":
         """A copy whose tensors are cut from the graph (the truncation point of a window)."""
         return InnerState([p.detach() for p in self.params],
-                          [None if b is None else b.detach() for b in self.bufs], self.step,
-                          None if self.stats is None else self.stats.detach())
+                          None if self.groups is None else [g.detach() for g in self.groups], self.step)
+
+    def buffers(self, name: str = "momentum_buffer") -> list[torch.Tensor | None]:
+        """The per-parameter buffer ``name`` of every group, concatenated in group order."""
+        return [b for g in self.groups or [] for b in g.buffers.get(name, [])]
 
 
 @dataclasses.dataclass
@@ -78,13 +67,12 @@ class FuncUnrollResult(UnrollResult):
 def init_state(task: Task, device: torch.device | str | None = None,
                dtype: torch.dtype | None = None) -> tuple[nn.Module, InnerState]:
     """A freshly seeded model of ``task`` (``task.make_model``) and the state at step 0:
-    detached copies of its parameters (no grad), no momentum buffers."""
+    detached copies of its parameters (no grad), no rule state."""
     model = task.make_model(device=device, dtype=dtype)
-    params = [p.detach().clone() for p in model.parameters()]
-    return model, InnerState(params, [None] * len(params), 0)
+    return model, InnerState([p.detach().clone() for p in model.parameters()])
 
 
-def unroll_func(task: Task, meta: dict[str, torch.Tensor], rule: LayerwiseConfig | AdaptiveConfig, steps: int, *,
+def unroll_func(task: Task, meta: dict[str, torch.Tensor], rule: Any, steps: int, *,
                 objective: str = "log_mean", device: torch.device | str | None = None,
                 dtype: torch.dtype | None = None, create_graph: bool = True,
                 train_loss: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None,
@@ -98,12 +86,14 @@ def unroll_func(task: Task, meta: dict[str, torch.Tensor], rule: LayerwiseConfig
     :func:`~metascale.inner.higher_engine.meta_objective` of the ``steps`` losses
     ``L_{u+1}..L_{u+steps}`` computed in this call (``u = state.step``).
 
-    Step ``t`` of this call is global step ``u + t``: it indexes the schedules
-    (:math:`\eta_{g,u+t}, s_{g,u+t}`), the minibatch ``task.train_batch(u + t)`` and the learned
-    loss's step fraction ``(u + t) / total_steps`` (``total_steps`` defaults to ``steps``; pass
-    the full horizon when unrolling in windows).
+    Step ``t`` of this call is global step ``u + t``: it indexes the rule's schedules (through
+    each group's step count), the minibatch ``task.train_batch(u + t)`` and the learned loss's
+    step fraction ``(u + t) / total_steps`` (``total_steps`` defaults to ``steps``; pass the
+    full horizon when unrolling in windows; rules that read the fraction of training done use
+    it too).
 
     Args:
+        rule: the (resolved) config of a registered rule.
         state: where to continue from. Its tensors are used as given: carried with their graph
             the windows compose into one long unroll; detached, the meta-gradient is truncated
             at the window start. Tensors without grad become fresh differentiable leaves.
@@ -122,22 +112,13 @@ def unroll_func(task: Task, meta: dict[str, torch.Tensor], rule: LayerwiseConfig
         model = task.make_model(device=device, dtype=dtype)
     names = [n for n, _ in model.named_parameters()]
     where = {id(p): i for i, p in enumerate(model.parameters())}
-    params, bufs = list(state.params), list(state.bufs)
-    adaptive = isinstance(rule, AdaptiveConfig)
-    stats = (state.stats or AdaptiveStats()) if adaptive else None
-    groups, unfold, infos = [], [], []
-    for info, ps in group_parameters(model.parameters()):
-        if adaptive:
-            infos.append(info)
-            groups.append([where[id(p)] for p in ps])
-            continue
-        idx = [where[id(p)] for p in ps]
-        eta, scale, s = folded_schedules(meta, info, rule.momentum)
-        if s is not None and rule.momentum != 0:  # carried buffers b = s b': run on b' = b / s
-            unfold.append((idx, s))
-            for i in idx:
-                bufs[i] = None if bufs[i] is None else bufs[i] / s
-        groups.append((idx, eta, scale))
+    grouped = group_parameters(model.parameters())
+    index = [[where[id(p)] for p in ps] for _, ps in grouped]
+    the_rule = rule_for(rule)
+    bound = the_rule.bind(meta, rule, [info for info, _ in grouped], differentiable=True)
+    params = list(state.params)
+    groups = [the_rule.enter(bound, g, k) for k, g in enumerate(state.groups)] if state.groups is not None \
+        else [GroupState(state.step) for _ in index]
     total = steps if total_steps is None else total_steps
 
     def forward(ps: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -153,27 +134,16 @@ def unroll_func(task: Task, meta: dict[str, torch.Tensor], rule: LayerwiseConfig
             pred = forward(params, x)
             loss = task.loss(pred, y) if train_loss is None else train_loss(pred, y, t / total)
             grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
-        if adaptive:
-            new_p, new_b, stats, _, _ = adaptive_step(
-                meta, rule, infos, [[params[i] for i in idx] for idx in groups],
-                [[grads[i] for i in idx] for idx in groups], [[bufs[i] for i in idx] for idx in groups],
-                stats, t, total)
-            for idx, gp, gb in zip(groups, new_p, new_b):
-                for i, p, b in zip(idx, gp, gb):
-                    params[i], bufs[i] = p, b
-        for idx, eta, scale in ([] if adaptive else groups):
-            new_p, new_b = layerwise_update(
-                [params[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx],
-                step_size=_at(eta, t), scale=_at(scale, t), momentum=rule.momentum,
-                nesterov=rule.nesterov, inplace=False)
-            for i, p, b in zip(idx, new_p, new_b):
-                params[i], bufs[i] = p, b
+        views = [GroupView(k, [params[i] for i in idx], [grads[i] for i in idx], groups[k])
+                 for k, idx in enumerate(index) if any(grads[i] is not None for i in idx)]
+        for view, up in zip(views, the_rule.step(bound, views, total_steps=total, inplace=False)):
+            for i, p in zip(index[view.index], up.params):
+                params[i] = p
+            groups[view.index] = up.state
         val = task.loss(forward(params, task.x_val), task.y_val)
         val_losses.append(val)
         v = float(val.detach())
         trace.append(v if math.isfinite(v) else math.inf)
-    for idx, s in unfold:
-        for i in idx:
-            bufs[i] = None if bufs[i] is None else bufs[i] * s
+    groups = [the_rule.leave(bound, g, k) for k, g in enumerate(groups)]
     return FuncUnrollResult(meta_loss=meta_objective(val_losses, objective), val_losses=trace,
-                            state=InnerState(params, bufs, state.step + steps, stats))
+                            state=InnerState(params, groups, state.step + steps))

@@ -1,7 +1,8 @@
 r"""The ``higher`` engine: K differentiable steps of the learnable optimizer on one task.
 
-The frozen :class:`~metascale.optim.LayerwiseOptimizer` is handed to
-``higher.innerloop_ctx`` with ``override`` holding the per-group schedules computed from the
+The model's parameter groups are handed to ``higher.innerloop_ctx`` with one generic
+differentiable optimizer, :class:`DifferentiableLearned`, which calls the rule's pure step
+(:meth:`metascale.optim.Rule.step`) out of place with what the rule bound from the
 meta-parameters, so the inner updates are differentiable functions of them. The meta-loss is
 computed from the validation losses ``L_1..L_K`` of the true task loss after each inner step
 (:func:`meta_objective`); a learned loss (if any) never enters it.
@@ -14,47 +15,67 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import higher
 import torch
 
-from ..config import check
-from ..optim.adaptive import AdaptiveConfig, AdaptiveOptimizer
-from ..optim.adaptive import differentiable_override as adaptive_override
-from ..optim.layerwise import LayerwiseConfig, LayerwiseOptimizer, differentiable_override
+from ..optim import GroupView, group_parameters, rule_for
+from ..optim.rule import read_group_state, write_group_state
+from ..spec import ENGINES, OBJECTIVES, InnerConfig
 from ..tasks.base import Task
 
-OBJECTIVES = ("mean", "log_mean", "final", "log_final")
+__all__ = ["ENGINES", "OBJECTIVES", "InnerConfig", "DifferentiableLearned", "UnrollResult", "differentiable_optimizer",
+           "meta_objective", "unroll"]
 
 
-ENGINES = ("higher", "func")
+class _Groups(torch.optim.Optimizer):
+    """The parameter groups (role x depth) that ``higher.innerloop_ctx`` copies into
+    :class:`DifferentiableLearned`; it never steps itself."""
+
+    def __init__(self, groups: list[list[torch.Tensor]]):
+        super().__init__([{"params": ps} for ps in groups], {})
+
+    def step(self, closure=None):  # pragma: no cover - never called
+        raise RuntimeError("used only to hand parameter groups to higher")
 
 
-@dataclasses.dataclass(frozen=True)
-class InnerConfig:
-    """The ``[inner]`` table.
+class DifferentiableLearned(higher.optim.DifferentiableOptimizer):
+    """``higher``'s differentiable optimizer for every rule: each step calls the rule's pure
+    step out of place. Give it, as ``override``, the rule (``"rule"``), what the rule bound
+    from meta-parameters that may require grad (``"bound"``) and the horizon
+    (``"total_steps"``); see :func:`unroll`."""
 
-    Attributes:
-        steps: inner steps ``K`` per window (the whole unroll when ``windows = 1``).
-        batch_size: inner minibatch size.
-        objective: the meta-objective (:func:`meta_objective`), per window.
-        engine: ``"higher"`` (default) or ``"func"`` (``torch.func``); same rule, same numbers.
-        windows: ``N``: meta-train over an inner horizon of ``N * K`` steps by backpropagating
-            through windows of ``K`` steps, the inner state carried across windows and the graph
-            cut between them (truncated unrolls; uses the ``func`` engine, which carries state).
-    """
+    def _update(self, grouped_grads, **kwargs) -> None:
+        groups = self.param_groups
+        rule, bound, total = groups[0]["rule"], groups[0]["bound"], groups[0]["total_steps"]
+        views, states = [], []
+        for k, (group, grads) in enumerate(zip(groups, grouped_grads)):
+            if all(g is None for g in grads):
+                continue
+            sts = [self.state[k][i] for i in range(len(group["params"]))]
+            views.append(GroupView(k, list(group["params"]), list(grads), read_group_state(rule, sts)))
+            states.append(sts)
+        if not views:
+            return
+        for view, sts, up in zip(views, states, rule.step(bound, views, total_steps=total, inplace=False)):
+            groups[view.index]["params"] = up.params
+            write_group_state(rule, sts, up.state)
 
-    steps: int = dataclasses.field(default=20, metadata=check("int", 1, 10_000))
-    batch_size: int = dataclasses.field(default=10, metadata=check("int", 1, 1_000_000))
-    objective: str = dataclasses.field(default="log_mean", metadata=check("str", choices=OBJECTIVES))
-    engine: str = dataclasses.field(default="higher", metadata=check("str", choices=ENGINES))
-    windows: int = dataclasses.field(default=1, metadata=check("int", 1, 1_000_000))
 
-    @property
-    def horizon(self) -> int:
-        """Inner steps per task in meta-training: ``windows * steps``."""
-        return self.windows * self.steps
+higher.register_optim(_Groups, DifferentiableLearned)
+
+
+def differentiable_optimizer(params, meta: dict[str, torch.Tensor], config: Any, total_steps: int,
+                             ) -> tuple[torch.optim.Optimizer, dict]:
+    """``(optimizer, override)`` for ``higher.innerloop_ctx(model, optimizer, override=override)``:
+    the model's parameter groups and what the rule of ``config`` binds from ``meta`` (which may
+    require grad), so that ``diffopt.step(loss)`` is the rule's step, differentiable in ``meta``."""
+    grouped = group_parameters(params)
+    rule = rule_for(config)
+    return _Groups([ps for _, ps in grouped]), {
+        "rule": [rule], "total_steps": [total_steps],
+        "bound": [rule.bind(meta, config, [info for info, _ in grouped], differentiable=True)]}
 
 
 def meta_objective(val_losses: list[torch.Tensor], kind: str) -> torch.Tensor:
@@ -82,7 +103,7 @@ class UnrollResult:
     val_losses: list[float]
 
 
-def unroll(task: Task, meta: dict[str, torch.Tensor], rule: LayerwiseConfig | AdaptiveConfig, steps: int, *,
+def unroll(task: Task, meta: dict[str, torch.Tensor], rule: Any, steps: int, *,
            objective: str = "log_mean", device: torch.device | str | None = None,
            dtype: torch.dtype | None = None, track_higher_grads: bool = True,
            train_loss: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None) -> UnrollResult:
@@ -91,9 +112,9 @@ def unroll(task: Task, meta: dict[str, torch.Tensor], rule: LayerwiseConfig | Ad
     Args:
         task: the inner problem; its model is built and seeded by ``task.make_model``.
         meta: meta-parameters (tensors that may require grad) of the rule.
-        rule: the rule's config: :class:`~metascale.optim.LayerwiseConfig` (momentum, nesterov)
-            or :class:`~metascale.optim.AdaptiveConfig` (its ``fraction_done`` feature runs over
-            ``steps``).
+        rule: the (resolved) config of a registered rule (:data:`metascale.optim.RULES`; e.g.
+            ``spec.rule_config(name)``); rules that read the fraction of training done run it
+            over ``steps``.
         steps: inner steps ``K``.
         objective: see :func:`meta_objective`.
         track_higher_grads: ``False`` evaluates without building the second-order graph
@@ -105,12 +126,7 @@ def unroll(task: Task, meta: dict[str, torch.Tensor], rule: LayerwiseConfig | Ad
     dtype = dtype or next(iter(meta.values())).dtype
     task = task.to(device=device, dtype=dtype)
     model = task.make_model(device=device, dtype=dtype)
-    if isinstance(rule, AdaptiveConfig):
-        opt = AdaptiveOptimizer(model.parameters(), meta, rule, total_steps=steps)
-        override = adaptive_override(meta, rule)
-    else:
-        opt = LayerwiseOptimizer(model.parameters(), meta, momentum=rule.momentum, nesterov=rule.nesterov)
-        override = differentiable_override(opt, meta)
+    opt, override = differentiable_optimizer(model.parameters(), meta, rule, steps)
     val_losses, trace = [], []
     with higher.innerloop_ctx(model, opt, override=override, copy_initial_weights=True,
                               track_higher_grads=track_higher_grads) as (fmodel, diffopt):

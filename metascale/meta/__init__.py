@@ -1,4 +1,5 @@
 """The outer meta-trainer."""
-from .trainer import MetaConfig, MetaTrainer, MetaResult, resolve_device
+from ..spec import MetaConfig
+from .trainer import MetaResult, MetaTrainer, resolve_device
 
 __all__ = ["MetaConfig", "MetaTrainer", "MetaResult", "resolve_device"]

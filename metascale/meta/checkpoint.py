@@ -76,7 +76,8 @@ from safetensors.torch import save as serialise
 
 from ..config import to_dict
 from ..errors import CheckpointError, ExportFormatError, SpecError
-from ..export.format import read_safetensors
+from ..safeio import read_safetensors
+from ..optim import rule_for
 
 FORMAT = "metascale.checkpoint"
 FORMAT_VERSION = "1"
@@ -125,11 +126,12 @@ class Checkpoint:
 def run_identity(spec: dict, seed: int, learn: str, rule: Any, loss_config: Any, inner_lr: float | None) -> dict:
     """The JSON-able identity of a run: a checkpoint resumes only a run with an equal identity.
 
-    ``rule`` is the rule's config dataclass (its class name and fields are recorded);
-    ``loss_config`` the learned loss's config, ``None`` when no loss is learned.
+    ``rule`` is the (resolved) config of the rule the inner loop runs (its registry name and
+    fields are recorded); ``loss_config`` the learned loss's config, ``None`` when no loss is
+    learned.
     """
     ident = {"spec": spec, "seed": int(seed), "learn": learn,
-             "rule": type(rule).__name__.removesuffix("Config").lower(), "rule_config": to_dict(rule),
+             "rule": rule_for(rule).name, "rule_config": to_dict(rule),
              "loss_config": None if loss_config is None else to_dict(loss_config), "inner_lr": inner_lr}
     return json.loads(json.dumps(ident))  # tuples -> lists, as they come back from the file
 

@@ -16,67 +16,22 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
-from ..config import check
 from ..inner.func_engine import unroll_func
 from ..inner.higher_engine import unroll
-from ..optim.groups import ROLES
-from ..tasks.base import mix_seed
 from ..losses import LossConfig, make_loss
-from .distributed import gather_in_task_order, my_tasks, world
+from ..optim import RULES, rule_for, sgd_config
+from ..spec import LEARN, MetaConfig
+from ..tasks.base import mix_seed
 from .checkpoint import open_metrics, restore, run_identity, save_checkpoint, snapshot
-from ..optim.layerwise import LayerwiseConfig
-from ..optim.rules import RULES, RuleConfig, init_rule_meta, rule_config, rule_name
-
-LEARN = ("optimizer", "loss", "both")
+from .distributed import gather_in_task_order, my_tasks, world
 
 if TYPE_CHECKING:
     from ..spec import Spec
-
-
-@dataclasses.dataclass(frozen=True)
-class MetaConfig:
-    """The ``[meta]`` table.
-
-    Attributes:
-        batch_size: tasks per meta-step.
-        steps: meta-steps.
-        lr: Adam step size on the (log-space) meta-parameters of the optimizer.
-        net_lr: Adam step size on the adaptive rule's network weights (``--rule adaptive*``)
-            except its output offsets (those take ``lr``); its outputs feed back into the
-            gradients it reads, and at 0.03 sine meta-training diverged for tens of meta-steps
-            (meta-gradient norms 1e5..1e8).
-        loss_lr: Adam step size on the weights of a learned loss network (``--learn loss|both``);
-            network weights need a smaller step than log step sizes (at 0.03 the digits loss
-            drifted into a collapse, meta-loss 0.2 -> 2.2).
-        clip: global-norm clip of the meta-gradient (0 disables).
-        task_clip: clip each task's meta-gradient to this global norm before the tasks are
-            averaged (0 disables), so that one task in a chaotic region of the inner dynamics
-            cannot set the direction of the meta-step. (Without it, digits seed 2 under
-            ``adaptive-momentum``: the meta-gradient norm jumped from 6 to 14,000 at meta-step 45
-            and meta-training never recovered, held-out accuracy 0.47; with it, 0.93.)
-        select_every: every this many meta-steps (and after the last), measure the mean
-            meta-loss of the current meta-parameters on ``select_tasks`` fixed meta-train draws
-            (a stream apart from the training draws and from evaluation's tuning draws) and
-            export the best ones seen (0: export the last). A guard against a late collapse;
-            it costs about ``select_tasks / (3 * batch_size * select_every)`` of the run. Only
-            with ``learn="optimizer"``: with a learned loss every run exports the last weights.
-        select_tasks: tasks of that selection measure.
-    """
-
-    batch_size: int = dataclasses.field(default=8, metadata=check("int", 1, 4096))
-    steps: int = dataclasses.field(default=200, metadata=check("int", 0, 10_000_000))
-    lr: float = dataclasses.field(default=0.03, metadata=check("float", 1e-8, 10.0))
-    loss_lr: float = dataclasses.field(default=1e-3, metadata=check("float", 1e-8, 10.0))
-    net_lr: float = dataclasses.field(default=3e-3, metadata=check("float", 1e-8, 10.0))
-    clip: float = dataclasses.field(default=1.0, metadata=check("float", 0.0, 1e9))
-    task_clip: float = dataclasses.field(default=1.0, metadata=check("float", 0.0, 1e9))
-    select_every: int = dataclasses.field(default=10, metadata=check("int", 0, 10_000_000))
-    select_tasks: int = dataclasses.field(default=16, metadata=check("int", 1, 100_000))
 
 
 def selection_tasks(spec: "Spec", seed: int, cfg: MetaConfig) -> list:
@@ -111,18 +66,8 @@ class MetaResult:
 
     meta: dict[str, torch.Tensor]
     summary: dict
-    rule: RuleConfig | None = None
+    rule: Any = None
     loss: torch.nn.Module | None = None
-
-
-def describe(meta: dict[str, torch.Tensor]) -> dict | None:
-    """Learned step size and rescaling factor per (role, depth anchor), as nested lists
-    ``[role][anchor][step]`` of floats (``None`` for the adaptive rule, whose factors depend on
-    the training state: ``metascale report`` traces them on a held-out task)."""
-    if "log_step_size" not in meta:
-        return None
-    return {role: {"step_size": torch.exp(meta["log_step_size"][r]).tolist(),
-                   "scale": torch.exp(meta["log_scale"][r]).tolist()} for r, role in enumerate(ROLES)}
 
 
 def clipped_mean(sums: list[torch.Tensor], n: int, clip: float) -> tuple[list[torch.Tensor], float]:
@@ -146,9 +91,8 @@ def clip_task(g: torch.Tensor, clip: float) -> torch.Tensor:
 
 
 class MetaTrainer:
-    """Meta-train a learnable optimizer (``rule``: ``"layerwise"``, ``"adaptive"`` or
-    ``"adaptive-momentum"``, see :mod:`metascale.optim.rules`) and/or a learned loss on a spec's
-    meta-train distribution.
+    """Meta-train a learnable optimizer (``rule``: a name in :data:`metascale.optim.RULES`)
+    and/or a learned loss on a spec's meta-train distribution.
 
     Example::
 
@@ -158,9 +102,11 @@ class MetaTrainer:
 
     def __init__(self, spec: "Spec", *, seed: int = 0, device: str | torch.device | None = "auto",
                  meta_steps: int | None = None, progress: bool = True, learn: str = "optimizer",
-                 loss_config: LossConfig | None = None, inner_lr: float | None = None, rule: str = "layerwise"):
+                 loss_config: LossConfig | None = None, inner_lr: float | None = None, rule: str | None = None):
+        from ..optim import DEFAULT_RULE
+        rule = DEFAULT_RULE if rule is None else rule
         if rule not in RULES:
-            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+            raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
         self.rule = rule
         if learn not in LEARN:
             raise ValueError(f"learn must be one of {LEARN}, got {learn!r}")
@@ -194,20 +140,14 @@ class MetaTrainer:
         learn_opt, learn_loss = self.learn in ("optimizer", "both"), self.learn in ("loss", "both")
         # learn='loss': the inner optimizer is plain SGD, i.e. the layer-wise rule at unit
         # meta-parameters without momentum (tests/test_optim.py proves the equality)
-        rule = rule_config(spec, self.rule) if learn_opt else LayerwiseConfig(init_lr=self.inner_lr, momentum=0.0,
-                                                                              per_step=False)
-        meta = init_rule_meta(rule, spec.inner.horizon, seed=self.seed, device=self.device)
+        rule = spec.rule_config(self.rule) if learn_opt else sgd_config(self.inner_lr)
+        the_rule = rule_for(rule)
+        meta = the_rule.init_meta(rule, spec.inner.horizon, seed=self.seed, device=self.device)
         loss_fn = make_loss(sampler.task(0).kind, self.loss_config, seed=self.seed).to(self.device) if learn_loss else None
         params, groups = [], []
         if learn_opt:
             params += [v.requires_grad_(True) for v in meta.values()]
-            if "log_step_size" in meta:  # the static rule: log step sizes and scales
-                groups.append({"params": list(meta.values()), "lr": cfg.lr})
-            else:  # the adaptive rule: its output offsets b2 and offset table are log step sizes /
-                # scales like the static rule's (lr); the weights that read the features move slower (net_lr)
-                fast = [k for k in ("b2", "table") if k in meta]
-                groups.append({"params": [meta[k] for k in fast], "lr": cfg.lr})
-                groups.append({"params": [v for k, v in meta.items() if k not in fast], "lr": cfg.net_lr})
+            groups += [g for g in the_rule.meta_groups(meta, cfg.lr, cfg.net_lr) if g["params"]]
         if learn_loss:
             params += list(loss_fn.parameters())
             groups.append({"params": list(loss_fn.parameters()), "lr": cfg.loss_lr})
@@ -270,7 +210,7 @@ class MetaTrainer:
                 record = {"meta_step": step, "meta_loss": loss, "meta_grad_norm": gnorm, "tasks_ok": n_ok,
                           "selection_loss": sel, "tasks_skipped": len(dropped), "skipped_draws": dropped,
                           "skipped_total": skipped, "elapsed_s": round(time.time() - t0, 3),
-                          "learned": describe({k: v.detach().cpu() for k, v in meta.items()}) if learn_opt else None}
+                          "learned": the_rule.learned({k: v.detach().cpu() for k, v in meta.items()}) if learn_opt else None}
                 if out:
                     out.write(json.dumps(record) + "\n")
                     out.flush()
@@ -294,7 +234,7 @@ class MetaTrainer:
                    "first_meta_loss": next((h for h in history if h is not None), None),
                    "final_meta_loss_avg_last_10pct": sum(tail) / len(tail) if tail else None,
                    "torch_version": torch.__version__, "learn": self.learn,
-                   "rule": rule_name(rule) if learn_opt else None}
+                   "rule": self.rule if learn_opt else None}
         if best is not None:
             summary["selected_meta_step"], summary["selection_loss"] = best[0], best[1]
         if resume:

@@ -1,16 +1,13 @@
-"""Learnable optimizers: pure update rules, their frozen ``torch.optim`` front end and their
-differentiable ``higher`` twin."""
-from .adaptive import (AdaptiveConfig, AdaptiveOptimizer, DifferentiableAdaptive, adaptive_factors,
-                       adaptive_features, adaptive_step)
+"""Learnable optimizers: rules behind one protocol (:mod:`.rule`), their kernels
+(:mod:`.kernels`), the registry (:data:`RULES`) and the frozen ``torch.optim`` front end
+(:class:`LearnedOptimizer`). The differentiable front ends live in :mod:`metascale.inner`."""
+from .adaptive import AdaptiveConfig
+from .frozen import LearnedOptimizer, group_infos
 from .groups import MAPPING_RULE, ROLES, GroupInfo, anchor_weights, group_parameters
-from .layerwise import (DifferentiableLayerwise, LayerwiseConfig, LayerwiseOptimizer,
-                        differentiable_override, folded_schedules, group_schedules, init_meta,
-                        layerwise_update)
-from .rules import RULES, frozen_optimizer, init_rule_meta, rule_config, rule_name
+from .layerwise import LayerwiseConfig
+from .registry import DEFAULT_RULE, RULES, get_rule, rule_for, sgd_config, spec_tables
+from .rule import GroupState, GroupUpdate, GroupView, Rule
 
-__all__ = ["MAPPING_RULE", "ROLES", "GroupInfo", "anchor_weights", "group_parameters",
-           "DifferentiableLayerwise", "LayerwiseConfig", "LayerwiseOptimizer",
-           "differentiable_override", "folded_schedules", "group_schedules", "init_meta", "layerwise_update",
-           "AdaptiveConfig", "AdaptiveOptimizer", "DifferentiableAdaptive", "adaptive_factors",
-           "adaptive_features", "adaptive_step", "RULES", "frozen_optimizer", "init_rule_meta", "rule_config",
-           "rule_name"]
+__all__ = ["AdaptiveConfig", "LayerwiseConfig", "LearnedOptimizer", "group_infos", "MAPPING_RULE", "ROLES",
+           "GroupInfo", "anchor_weights", "group_parameters", "DEFAULT_RULE", "RULES", "get_rule", "rule_for", "sgd_config",
+           "spec_tables", "GroupState", "GroupUpdate", "GroupView", "Rule"]

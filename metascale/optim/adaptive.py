@@ -37,9 +37,8 @@ schedules and interactions. ``S`` is a table of (log step size, log scale) offse
 schedules. The static rule learns sharp schedules (e.g. a 100x warm-up and decay within 5 of 20
 steps) that the network's smooth terms cannot express; with the table the adaptive rule can
 represent the static one exactly, and learns its corrections from the training state on top.
-The table is indexed by the step, not by ``t/T``: stretched to a 4x horizon, a few steps of
-warm-up at a huge step size become many, and training diverges (measured: digits validation
-loss 0.48 after 80 steps against 0.19 after 20). ``W_l``, ``W_2``,
+The table is indexed by the step, not by ``t/T`` (stretched to a longer horizon, a few steps
+of warm-up at a huge step size become many; docs/benchmarks.md). ``W_l``, ``W_2``,
 ``b_2`` and ``S`` start at zero, so the untrained rule *is* ``torch.optim.SGD(lr=eta_0,
 momentum=mu)``; ``B`` bounds ``|log(eta/eta_0)|`` and ``|log s|``.
 
@@ -48,10 +47,8 @@ Two variants: ``momentum = 0`` keeps **no per-parameter state** (three floats pe
 state). Statistics cost two reductions per step (``||G||``, ``||P||``: ``torch._foreach_norm``
 on the frozen path), the network one batched forward over all groups.
 
-Front ends, as for the static rule: the frozen :class:`AdaptiveOptimizer` and its ``higher``
-twin :class:`DifferentiableAdaptive`; the pure functions :func:`adaptive_factors` and
-:func:`~metascale.optim.layerwise.layerwise_update` do the math for both (and for the
-``torch.func`` engine).
+Every group carries its own step count, so a group that starts receiving gradients later (a
+layer unfrozen mid-run) starts its statistics and its fraction of training at its own step 0.
 """
 from __future__ import annotations
 
@@ -59,12 +56,12 @@ import dataclasses
 import math
 from typing import Iterable, Sequence
 
-import higher
 import torch
 
 from ..config import check
-from .groups import GroupInfo, group_parameters
-from .layerwise import layerwise_update, live_groups, run_closure
+from .groups import GroupInfo
+from .layerwise import heavy_ball_group
+from .rule import GroupState, GroupUpdate, GroupView, Rule
 
 NUM_FEATURES = 7
 FEATURES = ("log_grad_rms", "log_param_rms", "grad_rms_vs_average", "average_vs_first",
@@ -88,7 +85,7 @@ class AdaptiveConfig:
         beta: decay of the per-layer running average of the mean square gradient.
         bound: ``B``, the largest ``|log(eta/eta_0)|`` and ``|log s|`` the network can produce.
         table_steps: leading steps with their own offsets in the table ``S`` (the last one is
-            held after them); set it to the meta-training horizon ``K`` (0: no table).
+            held after them); unset: the meta-training horizon ``K`` (0: no table).
         depth_bins: depth anchors of the offset table (input ... output).
     """
 
@@ -98,18 +95,13 @@ class AdaptiveConfig:
     hidden: int = dataclasses.field(default=16, metadata=check("int", 1, 1024))
     beta: float = dataclasses.field(default=0.9, metadata=check("float", 0.0, 0.9999))
     bound: float = dataclasses.field(default=10.0, metadata=check("float", 0.1, 50.0))
-    table_steps: int = dataclasses.field(default=20, metadata=check("int", 0, 100_000))
+    table_steps: int | None = dataclasses.field(default=None, metadata=check("int", 0, 100_000))
     depth_bins: int = dataclasses.field(default=3, metadata=check("int", 1, 64))
 
     def validate(self) -> None:
         """Raise ``ValueError`` for inconsistent settings."""
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov = true needs momentum > 0")
-
-    @property
-    def variant(self) -> str:
-        """``"adaptive"`` (no per-parameter state) or ``"adaptive-momentum"``."""
-        return "adaptive-momentum" if self.momentum > 0 else "adaptive"
 
 
 def net_shapes(config: AdaptiveConfig) -> dict[str, tuple[int, ...]]:
@@ -140,10 +132,11 @@ def _log_rms(ms: torch.Tensor) -> torch.Tensor:
 
 
 def adaptive_features(g_ms: torch.Tensor, p_ms: torch.Tensor, v_hat: torch.Tensor, g0_ms: torch.Tensor,
-                      fraction: float, roles: torch.Tensor, depths: torch.Tensor) -> torch.Tensor:
-    """The ``(G, 7)`` feature matrix of the module doc, one row per group (differentiable)."""
+                      fraction: torch.Tensor | float, roles: torch.Tensor, depths: torch.Tensor) -> torch.Tensor:
+    """The ``(G, 7)`` feature matrix of the module doc, one row per group (differentiable);
+    ``fraction``: ``t / T`` per group (or one number for all)."""
     lg, lv = _log_rms(g_ms), _log_rms(v_hat)
-    frac = torch.full_like(lg, min(max(fraction, 0.0), 1.0))
+    frac = torch.as_tensor(fraction, dtype=lg.dtype, device=lg.device).clamp(0.0, 1.0).expand_as(lg)
     return torch.stack([LOG_SCALE * lg, LOG_SCALE * _log_rms(p_ms), lg - lv, lv - _log_rms(g0_ms), frac, roles,
                         depths], dim=-1)
 
@@ -158,34 +151,49 @@ def hat_weights(x: torch.Tensor, n: int) -> torch.Tensor:
     return (1.0 - (pos[:, None] - torch.arange(n, dtype=x.dtype, device=x.device)).abs()).clamp_min(0.0)
 
 
-def table_offsets(table: torch.Tensor, features: torch.Tensor, step: int) -> torch.Tensor:
-    r"""``(G, 2)`` offsets :math:`S[\rho_g, d_g, \min(t, n-1)]` of the ``(2, 2, bins, n)`` table
-    at each row's role (feature 5; ``+1`` is index 0, matrix) and relative depth (feature 6,
-    interpolated linearly between the depth anchors), at step ``t = step``."""
+def table_offsets(table: torch.Tensor, features: torch.Tensor, steps: list[int]) -> torch.Tensor:
+    r"""``(G, 2)`` offsets :math:`S[\rho_g, d_g, \min(t_g, n-1)]` of the ``(2, 2, bins, n)`` table
+    at each row's role (feature 5; ``+1`` is index 0, matrix), relative depth (feature 6,
+    interpolated linearly between the depth anchors) and step ``t_g = steps[g]``."""
     role = (features[:, 5] < 0).long()
-    column = table[:, :, :, min(step, table.shape[3] - 1)]  # (2, roles, bins)
-    return torch.einsum("ogb,gb->go", column[:, role], hat_weights(features[:, 6], table.shape[2]))
+    n = table.shape[3]
+    w = hat_weights(features[:, 6], table.shape[2])
+    if len(set(steps)) == 1:  # all groups at one step: one column
+        return torch.einsum("ogb,gb->go", table[:, :, :, min(steps[0], n - 1)][:, role], w)
+    col = torch.tensor([min(t, n - 1) for t in steps], device=table.device)
+    return torch.einsum("gob,gb->go", table.permute(1, 3, 0, 2)[role, col], w)
 
 
 def adaptive_factors(net: dict[str, torch.Tensor], features: torch.Tensor,
-                     config: AdaptiveConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Step sizes and rescaling factors ``(eta, s)``, each of shape ``(G,)``, at step ``t = step``
-    from the feature matrix: :math:`r = W_\ell x + W_2\tanh(W_1x+b_1) + b_2 + S[\rho, d, \min(t, n-1)]`,
+                     config: AdaptiveConfig, steps: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Step sizes and rescaling factors ``(eta, s)``, each of shape ``(G,)``, at steps ``steps``
+    (one per row) from the feature matrix:
+    :math:`r = W_\ell x + W_2\tanh(W_1x+b_1) + b_2 + S[\rho, d, \min(t, n-1)]`,
     :math:`\eta = \eta_0 e^{B\tanh(r_0/B)}`, :math:`s = e^{B\tanh(r_1/B)}`."""
     x = features.to(net["w1"].dtype)
     r = x @ net["wl"].T + torch.tanh(x @ net["w1"].T + net["b1"]) @ net["w2"].T + net["b2"]
     if TABLE in net:
-        r = r + table_offsets(net[TABLE], x, step)
+        r = r + table_offsets(net[TABLE], x, steps)
     b = config.bound
     log_change = b * torch.tanh(r / b)
     return config.init_lr * torch.exp(log_change[:, 0]), torch.exp(log_change[:, 1])
 
 
-def update_average(v: torch.Tensor | None, g_ms: torch.Tensor, beta: float, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""``(v_t, v_hat_t)``: :math:`v_t = \beta v_{t-1} + (1-\beta) m_t` (``v_{-1} = 0``) and its
-    bias-corrected value :math:`v_t / (1 - \beta^{t+1})` at step ``step = t``."""
-    v = (1 - beta) * g_ms if v is None else beta * v + (1 - beta) * g_ms
-    return v, v / (1 - beta ** (step + 1))
+def update_average(v: torch.Tensor | None, g_ms: torch.Tensor, beta: float,
+                   steps: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""``(v_t, v_hat_t)`` per group: :math:`v_t = \beta v_{t-1} + (1-\beta) m_t`
+    (:math:`v_{-1} = 0`; ``v`` is ``None`` when every group is at its step 0, and its rows at
+    step 0 are ignored) and the bias-corrected :math:`v_t / (1 - \beta^{t+1})`."""
+    fresh = (1 - beta) * g_ms
+    if v is None:
+        new = fresh
+    else:
+        new = beta * v + fresh
+        if 0 in steps:
+            new = torch.where(torch.tensor([t == 0 for t in steps], device=g_ms.device), fresh, new)
+    if len(set(steps)) == 1:
+        return new, new / (1 - beta ** (steps[0] + 1))
+    return new, new / torch.tensor([1 - beta ** (t + 1) for t in steps], dtype=new.dtype, device=new.device)
 
 
 def group_geometry(infos: Sequence[GroupInfo], dtype=torch.float64, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,177 +213,154 @@ def mean_squares(groups: Sequence[Sequence[torch.Tensor | None]]) -> torch.Tenso
     return torch.stack(out)
 
 
+def fused_mean_squares(groups: Sequence[Sequence[torch.Tensor]], *more: Sequence[Sequence[torch.Tensor]],
+                       dtype: torch.dtype) -> list[torch.Tensor]:
+    """:func:`mean_squares` of each set of groups of tensors (no ``None``, the same sizes in
+    every set), each by one ``torch._foreach_norm`` over all its tensors summed per group (the
+    frozen path: two such reductions per step)."""
+    device = groups[0][0].device
+    owner = torch.repeat_interleave(torch.arange(len(groups), device=device),
+                                    torch.tensor([len(ts) for ts in groups], device=device))
+    numel = torch.zeros(len(groups), dtype=dtype, device=device).index_add_(
+        0, owner, torch.tensor([float(t.numel()) for ts in groups for t in ts], dtype=dtype, device=device))
+    out = []
+    for sets in (groups, *more):
+        sq = torch.stack(torch._foreach_norm([t for ts in sets for t in ts])).to(dtype) ** 2
+        out.append(torch.zeros_like(numel).index_add_(0, owner, sq) / numel)
+    return out
+
+
+# --------------------------------------------------------------------------- the rule
 @dataclasses.dataclass
-class AdaptiveStats:
-    """The per-group scalars the rule carries: ``v`` (running mean square gradient), ``g0``
-    (the first step's mean square gradient), both ``(G,)`` tensors (``None`` before step 0)."""
+class _Bound:
+    """The network (moved to the parameters' device and dtype on first use on the frozen path),
+    the config and the groups' geometry."""
 
-    v: torch.Tensor | None = None
-    g0: torch.Tensor | None = None
+    net: dict[str, torch.Tensor]
+    config: AdaptiveConfig
+    infos: list[GroupInfo]
+    frozen: bool
+    geometry: dict = dataclasses.field(default_factory=dict)
 
-    def detach(self) -> "AdaptiveStats":
-        """A copy cut from the graph."""
-        return AdaptiveStats(None if self.v is None else self.v.detach(),
-                             None if self.g0 is None else self.g0.detach())
-
-
-def adaptive_step(net: dict[str, torch.Tensor], config: AdaptiveConfig, infos: Sequence[GroupInfo],
-                  params: list[list[torch.Tensor]], grads: list[list[torch.Tensor | None]],
-                  bufs: list[list[torch.Tensor | None]], stats: AdaptiveStats, step: int, total_steps: int,
-                  ) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor | None]], AdaptiveStats,
-                             torch.Tensor, torch.Tensor]:
-    """One differentiable (out-of-place) step of the adaptive rule on all groups.
-
-    Returns ``(new_params, new_bufs, new_stats, eta, s)`` with ``eta``, ``s`` the ``(G,)``
-    step sizes and rescaling factors used. This is the function the ``higher`` twin and the
-    ``torch.func`` engine run; the frozen optimizer computes the same numbers in place."""
-    dtype, device = net["w1"].dtype, net["w1"].device
-    g_ms = mean_squares(grads).to(dtype)
-    p_ms = mean_squares(params).to(dtype)
-    v, v_hat = update_average(stats.v, g_ms, config.beta, step)
-    g0 = g_ms if stats.g0 is None else stats.g0
-    roles, depths = group_geometry(infos, dtype, device)
-    eta, s = adaptive_factors(net, adaptive_features(g_ms, p_ms, v_hat, g0, step / total_steps, roles, depths), config,
-                              step)
-    new_p, new_b = [], []
-    for k, (ps, gs, bs) in enumerate(zip(params, grads, bufs)):
-        p2, b2 = layerwise_update(list(ps), list(gs), list(bs), step_size=eta[k], scale=s[k],
-                                  momentum=config.momentum, nesterov=config.nesterov, inplace=False)
-        new_p.append(p2)
-        new_b.append(b2)
-    return new_p, new_b, AdaptiveStats(v, g0), eta, s
-
-
-# --------------------------------------------------------------------------- frozen optimizer
-class AdaptiveOptimizer(torch.optim.Optimizer):
-    r"""The frozen adaptive layer-wise optimizer: a drop-in ``torch.optim.Optimizer``.
-
-    Build it from the meta-trained network (usually via :func:`metascale.load_optimizer`)::
-
-        opt = AdaptiveOptimizer(model.parameters(), net, config, total_steps=1000)
-
-    ``total_steps`` is the training budget ``T`` (the ``fraction_done`` feature is
-    ``min(t / T, 1)``); ``lr`` multiplies every step size (for ``torch.optim.lr_scheduler``).
-
-    State: per group, three scalars in the state of the group's first parameter (``step``,
-    ``avg_sq_grad`` = ``v``, ``first_sq_grad`` = ``m_0``); with ``momentum > 0`` also a
-    ``momentum_buffer`` per parameter. After each step every group holds the step size and
-    rescaling factor it used in ``group["last_step_size"]`` and ``group["last_scale"]``.
-    """
-
-    def __init__(self, params: Iterable[torch.Tensor], net: dict[str, torch.Tensor], config: AdaptiveConfig, *,
-                 total_steps: int, lr: float = 1.0, foreach: bool | None = None):
-        if total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-        groups = [{"params": ps, "role": info.role, "layer": info.layer, "num_layers": info.num_layers}
-                  for info, ps in group_parameters(params)]
-        defaults = {"lr": lr, "momentum": config.momentum, "nesterov": config.nesterov, "foreach": foreach,
-                    "total_steps": total_steps}
-        super().__init__(groups, defaults)
-        self.config = config
-        self.net = {k: v.detach().clone() for k, v in net.items()}
-        self._geometry: tuple | None = None
-
-    def _net_on(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def on(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         w = self.net["w1"]
         if w.device != device or w.dtype != dtype:
             self.net = {k: v.to(device=device, dtype=dtype) for k, v in self.net.items()}
-            self._geometry = None
+            self.geometry.clear()
         return self.net
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Perform one optimisation step (``closure`` re-evaluates the loss, as in torch.optim)."""
-        loss = run_closure(closure)
-        live = live_groups(self)
-        if not live:
-            return loss
-        flat_p = [p for _, ps in live for p in ps]
-        device = flat_p[0].device
-        dtype = torch.float64 if flat_p[0].dtype == torch.float64 else torch.float32
-        net = self._net_on(device, dtype)
-        # two reductions over all tensors: ||G||, ||P|| (one fused kernel each), summed per group
-        sizes = [len(ps) for _, ps in live]
-        owner = torch.repeat_interleave(torch.arange(len(live), device=device), torch.tensor(sizes, device=device))
-        numel = torch.zeros(len(live), dtype=dtype, device=device).index_add_(
-            0, owner, torch.tensor([float(p.numel()) for p in flat_p], dtype=dtype, device=device))
-        g_sq = torch.stack(torch._foreach_norm([p.grad for p in flat_p])).to(dtype) ** 2
-        p_sq = torch.stack(torch._foreach_norm(flat_p)).to(dtype) ** 2
-        g_ms = torch.zeros_like(numel).index_add_(0, owner, g_sq) / numel
-        p_ms = torch.zeros_like(numel).index_add_(0, owner, p_sq) / numel
-        firsts = [self.state[ps[0]] for _, ps in live]
-        t = firsts[0].get("step", 0)
-        v_old = torch.tensor([st.get("avg_sq_grad", 0.0) for st in firsts], dtype=dtype, device=device)
-        v, v_hat = update_average(None if t == 0 else v_old, g_ms, self.config.beta, t)
-        g0 = g_ms if t == 0 else torch.tensor([st["first_sq_grad"] for st in firsts], dtype=dtype, device=device)
-        roles, depths = group_geometry([GroupInfo(g["role"], g["layer"], g["num_layers"]) for g, _ in live],
-                                       dtype, device)
-        total = live[0][0]["total_steps"]
-        eta, s = adaptive_factors(net, adaptive_features(g_ms, p_ms, v_hat, g0, t / total, roles, depths), self.config,
-                                  t)
-        eta, s, v, g0 = eta.tolist(), s.tolist(), v.tolist(), g0.tolist()
-        for k, (group, ps) in enumerate(live):
-            states = [self.state[p] for p in ps]
-            foreach = group["foreach"]
-            if foreach is None:
-                foreach = True  # the foreach/fused kernels, also for one tensor (benchmarks/step_cost.py)
-            step_size = group["lr"] * eta[k]
-            _, bufs = layerwise_update(ps, [p.grad for p in ps], [st.get("momentum_buffer") for st in states],
-                                       step_size=step_size, scale=s[k], momentum=group["momentum"],
-                                       nesterov=group["nesterov"], inplace=True, foreach=foreach)
-            for st, b in zip(states, bufs):
-                if b is not None:
-                    st["momentum_buffer"] = b
-            first = states[0]
-            first["step"], first["avg_sq_grad"], first["first_sq_grad"] = t + 1, v[k], g0[k]
-            group["last_step_size"], group["last_scale"] = step_size, s[k]
-        return loss
+    def roles_depths(self, index: tuple[int, ...], dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if index not in self.geometry:
+            self.geometry[index] = group_geometry([self.infos[i] for i in index], dtype, device)
+        return self.geometry[index]
 
 
-# --------------------------------------------------------------------------- higher twin
-class DifferentiableAdaptive(higher.optim.DifferentiableOptimizer):
-    """``higher``'s differentiable twin of :class:`AdaptiveOptimizer`.
+class AdaptiveRule(Rule):
+    """The adaptive rule (see the module doc); ``with_momentum`` picks the variant."""
 
-    Registered with ``higher.register_optim`` when this module is imported. Pass the network as
-    an override: ``higher.innerloop_ctx(model, AdaptiveOptimizer(...), override={"net": [net]})``
-    (one dict of tensors that may require grad, shared by all groups); each step runs
-    :func:`adaptive_step` on all groups at once."""
+    config_type = AdaptiveConfig
+    table = "adaptive"
+    stats = ("avg_sq_grad", "first_sq_grad")
 
-    def _update(self, grouped_grads, **kwargs) -> None:
-        groups = self.param_groups
-        net, config = groups[0]["net"], groups[0]["config"]
-        live = [k for k, gs in enumerate(grouped_grads) if any(g is not None for g in gs)]
-        if not live:
-            return
-        firsts = [self.state[k][0] for k in live]
-        t = firsts[0].get("step", 0)
-        dtype, device = net["w1"].dtype, net["w1"].device
-        # the (G,) statistics live in one place during the unroll; a frozen optimizer's per-group
-        # floats (a run continued from a state_dict) are gathered once
-        stats = self.state[live[0]][0].get("stats")
-        if stats is None:
-            as_t = lambda key: torch.stack([torch.as_tensor(st[key], dtype=dtype, device=device) for st in firsts])
-            stats = AdaptiveStats(as_t("avg_sq_grad"), as_t("first_sq_grad")) if t > 0 else AdaptiveStats()
-        infos = [GroupInfo(groups[k]["role"], groups[k]["layer"], groups[k]["num_layers"]) for k in live]
-        bufs = [[self.state[k][i].get("momentum_buffer") for i in range(len(groups[k]["params"]))] for k in live]
-        new_p, new_b, stats, eta, s = adaptive_step(
-            net, config, infos, [groups[k]["params"] for k in live], [list(grouped_grads[k]) for k in live],
-            bufs, stats, t, groups[0]["total_steps"])
-        eta, s = eta.detach(), s.detach()
-        for j, k in enumerate(live):
-            groups[k]["params"] = new_p[j]
-            groups[k]["last_step_size"], groups[k]["last_scale"] = eta[j], s[j]
-            for i, b in enumerate(new_b[j]):
-                if b is not None:
-                    self.state[k][i]["momentum_buffer"] = b
-            firsts[j]["step"] = t + 1
-        self.state[live[0]][0]["stats"] = stats
+    def __init__(self, name: str, with_momentum: bool):
+        self.name, self.with_momentum = name, with_momentum
+        self.buffers = ("momentum_buffer",) if with_momentum else ()
+        self.summary = ("a tiny network shared by all layers maps each layer's gradient and parameter statistics to "
+                        "its step size and rescaling factor every step (spec table [adaptive]); "
+                        + ("one momentum buffer per parameter" if with_momentum else "no per-parameter state, "
+                           "the table's momentum is set to 0"))
 
+    def config_from(self, config):
+        if not self.with_momentum:
+            return dataclasses.replace(config, momentum=0.0, nesterov=False)
+        if config.momentum == 0:
+            raise ValueError(f"rule {self.name} needs [adaptive] momentum > 0")
+        return config
 
-higher.register_optim(AdaptiveOptimizer, DifferentiableAdaptive)
+    def upgrade(self, stored, version):
+        """Version-1 files without ``table_steps`` predate the offset table: 0."""
+        return {"table_steps": 0, **stored} if version == "1" else stored
 
+    def owns(self, config):
+        return type(config) is AdaptiveConfig and (config.momentum > 0) == self.with_momentum
 
-def differentiable_override(net: dict[str, torch.Tensor], config: AdaptiveConfig) -> dict:
-    """The ``override`` dict for ``higher.innerloop_ctx`` with an :class:`AdaptiveOptimizer`:
-    the (differentiable) network and the config, shared by all groups."""
-    return {"net": [net], "config": [config]}
+    def resolve(self, config, horizon):
+        return config if config.table_steps is not None else dataclasses.replace(config, table_steps=horizon)
+
+    def meta_shapes(self, config, horizon):
+        return net_shapes(self.resolve(config, horizon))
+
+    def init_meta(self, config, horizon, *, seed=0, dtype=torch.float32, device=None):
+        return init_net(self.resolve(config, horizon), seed, dtype, device)
+
+    def meta_groups(self, meta, lr, net_lr):
+        """The output offsets ``b_2`` and the table are log step sizes and scales like the static
+        rule's (``lr``); the weights that read the features move slower (``net_lr``)."""
+        fast = [k for k in ("b2", TABLE) if k in meta]
+        return [{"params": [meta[k] for k in fast], "lr": lr},
+                {"params": [v for k, v in meta.items() if k not in fast], "lr": net_lr}]
+
+    def describe(self, meta, config, horizon):
+        n = sum(v.numel() for v in meta.values())
+        lines = [f"a shared network of {n} numbers maps each layer's statistics ({', '.join(FEATURES)}) to its "
+                 f"step size and rescaling factor every step; default total_steps {horizon} (the meta-training "
+                 f"horizon); per-parameter state: {'one momentum buffer' if config.momentum > 0 else 'none'}",
+                 "linear path (log step size, log rescaling factor) per feature:"]
+        lines += [f"  {f:<20} {meta['wl'][0, j]:+.3f} {meta['wl'][1, j]:+.3f}" for j, f in enumerate(FEATURES)]
+        if TABLE in meta:
+            tab, (bins, n) = meta[TABLE], meta[TABLE].shape[2:]
+            cols = sorted({round(i * (n - 1) / 4) for i in range(5)})
+            lines.append("offset table: step-size multiplier exp(S_eta) x rescaling factor exp(S_s) by role and "
+                         f"depth, at steps {', '.join(map(str, cols))} (of {n}; the last is held after):")
+            for r, role in enumerate(("matrix", "vector")):
+                for b in range(bins):
+                    m = torch.exp(tab[0, r, b] + tab[1, r, b])
+                    lines.append(f"  {role:<6} depth {b / max(bins - 1, 1):.2f}: "
+                                 + ", ".join(f"{float(m[c]):.3g}" for c in cols))
+        return lines
+
+    def bind(self, meta, config, infos, *, differentiable):
+        net = meta if differentiable else {k: v.detach().clone() for k, v in meta.items()}
+        return _Bound(net, config, list(infos), not differentiable)
+
+    def step(self, bound, views, *, total_steps, inplace):
+        """Statistics of every live group, one batched network forward, then the heavy-ball
+        kernel per group at its factors (floats in place: one host sync per step)."""
+        cfg, steps = bound.config, [v.state.step for v in views]
+        if inplace:
+            first = views[0].params[0]
+            dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+            net, device = bound.on(first.device, dtype), first.device
+            g_ms, p_ms = fused_mean_squares([v.grads for v in views], [v.params for v in views], dtype=dtype)
+            stat = lambda key, fill: torch.tensor([v.state.stats.get(key, fill) for v in views], dtype=dtype,
+                                                  device=device)
+        else:
+            net = bound.net
+            dtype, device = net["w1"].dtype, net["w1"].device
+            g_ms = mean_squares([v.grads for v in views]).to(dtype)
+            p_ms = mean_squares([v.params for v in views]).to(dtype)
+            zero = torch.zeros((), dtype=dtype, device=device)
+            stat = lambda key, fill: torch.stack([torch.as_tensor(v.state.stats.get(key, zero), dtype=dtype,
+                                                                  device=device) for v in views])
+        if all(t == 0 for t in steps):  # every group at its first step
+            v_old, g0 = None, g_ms
+        elif 0 not in steps:
+            v_old, g0 = stat("avg_sq_grad", 0.0), stat("first_sq_grad", 1.0)
+        else:  # some groups start now (e.g. a layer unfrozen mid-run)
+            v_old = stat("avg_sq_grad", 0.0)
+            g0 = torch.where(torch.tensor([t == 0 for t in steps], device=device), g_ms, stat("first_sq_grad", 1.0))
+        v, v_hat = update_average(v_old, g_ms, cfg.beta, steps)
+        roles, depths = bound.roles_depths(tuple(v.index for v in views), dtype, device)
+        frac = steps[0] / total_steps if len(set(steps)) == 1 else torch.tensor(steps, dtype=dtype,
+                                                                                device=device) / total_steps
+        eta, s = adaptive_factors(net, adaptive_features(g_ms, p_ms, v_hat, g0, frac, roles, depths), cfg, steps)
+        if inplace:
+            eta, s, v, g0 = eta.tolist(), s.tolist(), v.tolist(), g0.tolist()
+        else:
+            v, g0 = v.unbind(), g0.unbind()
+        out = []
+        for k, view in enumerate(views):
+            up = heavy_ball_group(view, eta[k], s[k], cfg.momentum, cfg.nesterov, inplace)
+            up.state.stats = {"avg_sq_grad": v[k], "first_sq_grad": g0[k]}
+            out.append(up)
+        return out

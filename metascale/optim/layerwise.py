@@ -1,5 +1,6 @@
-r"""The layer-wise learnable optimizer: a log step size and a log rescaling factor per
-parameter group (role x depth anchor), optionally one per inner step, with momentum.
+r"""The layer-wise learnable optimizer (``--rule layerwise``): a log step size and a log
+rescaling factor per parameter group (role x depth anchor), optionally one per inner step,
+with heavy-ball momentum.
 
 The update of one group at step ``t`` (``eta_t`` the step size, ``s_t`` the rescaling
 factor, i.e. the loss scale applied to this group's gradient, ``mu`` the momentum):
@@ -16,27 +17,31 @@ With momentum and a time-varying schedule they differ: ``s_t`` weighs what enter
 momentum buffer, ``eta_t`` how far the current step goes. With constant ``s`` and ``eta`` the
 rule equals ``torch.optim.SGD(lr=eta * s, momentum=mu, nesterov=...)`` exactly.
 
-Memory: one momentum buffer per parameter when ``mu > 0`` (none otherwise) plus
-``2 * S`` floats per group; the meta-parameters are ``2 * 2 * depth_bins * S`` numbers.
+The schedules of a group at relative depth ``d`` and role ``r`` interpolate the anchors
+(:func:`~metascale.optim.groups.anchor_weights` ``w``) in log space:
 
-One pure update function, :func:`layerwise_update`, serves both front ends: the frozen
-:class:`LayerwiseOptimizer` (in place, ``torch._foreach_*`` kernels, floats) and the
-differentiable :class:`DifferentiableLayerwise` registered with ``higher`` (out of place,
-tensor step sizes that carry gradients).
+.. math:: \eta_{g,t} = \exp\big(\textstyle\sum_b w_b(d)\, \theta^{\eta}_{r, b, t}\big), \quad
+          s_{g,t} = \exp\big(\textstyle\sum_b w_b(d)\, \theta^{s}_{r, b, t}\big),
+
+and past the learned horizon the last step's values are held.
+
+Memory: one momentum buffer per parameter when ``mu > 0`` (none otherwise); the
+meta-parameters are ``2 * 2 * depth_bins * S`` numbers (``S = K`` with ``per_step``, else 1).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterable, Sequence
+from typing import Sequence
 
-import higher
 import torch
 
 from ..config import check
-from .groups import ROLES, GroupInfo, anchor_weights, group_parameters
+from .groups import ROLES, GroupInfo, anchor_weights
+from .kernels import heavy_ball, heavy_ball_
+from .rule import GroupState, GroupUpdate, GroupView, Rule
 
-Number = float | torch.Tensor
+META_NAMES = ("log_step_size", "log_scale")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,267 +70,156 @@ class LayerwiseConfig:
             raise ValueError("nesterov = true needs momentum > 0")
 
 
-# --------------------------------------------------------------------------- the update rule
-def layerwise_update(params: list[torch.Tensor], grads: list[torch.Tensor | None],
-                     bufs: list[torch.Tensor | None], *, step_size: Number, scale: Number,
-                     momentum: float, nesterov: bool, inplace: bool, foreach: bool = False,
-                     ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-    r"""One step of the layer-wise rule on one group (see the module doc for the math).
-
-    Args:
-        params, grads, bufs: parameters, their gradients (``None``: parameter skipped) and
-            momentum buffers (``None``: not yet created).
-        step_size, scale: ``eta_t`` and ``s_t``; floats on the frozen path, tensors (that may
-            require grad) on the differentiable path.
-        inplace: update ``params``/``bufs`` in place (frozen path, under ``no_grad``) or return
-            new tensors and leave the inputs untouched (differentiable path).
-        foreach: with ``inplace``, use the fused ``torch._foreach_*`` kernels; the scale folds
-            into their scalar ``alpha`` so it costs no extra pass over the parameters.
-
-    Returns:
-        ``(new_params, new_bufs)``, aligned with the inputs.
-    """
-    live = [i for i, g in enumerate(grads) if g is not None]
-    new_p, new_b = list(params), list(bufs)
-    if not live:
-        return new_p, new_b
-    mu = momentum
-    if not inplace:
-        unit = not isinstance(scale, torch.Tensor) and scale == 1  # skip a multiply-by-one pass
-        for i in live:
-            p, g, b = params[i], grads[i] if unit else grads[i] * scale, bufs[i]
-            if mu != 0:
-                b = g if b is None else b * mu + g
-                d = g + b * mu if nesterov else b
-                new_b[i] = b
-            else:
-                d = g
-            new_p[i] = p - step_size * d
-        return new_p, new_b
-
-    eta, s = float(step_size), float(scale)
-    ps, gs = [params[i] for i in live], [grads[i] for i in live]
-    if mu == 0:
-        if foreach:
-            torch._foreach_add_(ps, gs, alpha=-eta * s)
-        else:
-            for p, g in zip(ps, gs):
-                p.add_(g, alpha=-eta * s)
-        return new_p, new_b
-    if foreach and not nesterov and hasattr(torch, "_fused_sgd_"):
-        # one pass over (p, g, b) instead of three: torch's fused heavy-ball kernel computes
-        # b = mu b + (1 - dampening) g; p -= lr b, which is the rule with dampening = 1 - s
-        # (1 - (1 - s) equals s up to one rounding; exactly for s = 1). A new buffer starts at
-        # 0, so the first step gives b = s g as below. benchmarks/step_cost.py: 1.49x -> 1.19x
-        # SGD momentum's step for the adaptive-momentum rule on a quiet machine, 1.08x on a busy one.
-        for i in live:
-            if new_b[i] is None:
-                new_b[i] = torch.zeros_like(params[i])
-        torch._fused_sgd_(ps, gs, [new_b[i] for i in live], weight_decay=0.0, momentum=mu, lr=eta,
-                          dampening=1.0 - s, nesterov=False, maximize=False, is_first_step=False)
-        return new_p, new_b
-    fresh = [k for k, i in enumerate(live) if bufs[i] is None]
-    old = [k for k, i in enumerate(live) if bufs[i] is not None]
-    for k in fresh:
-        new_b[live[k]] = torch.mul(gs[k], s)
-    if old:
-        ob, og = [bufs[live[k]] for k in old], [gs[k] for k in old]
-        if foreach:
-            torch._foreach_mul_(ob, mu)
-            torch._foreach_add_(ob, og, alpha=s)
-        else:
-            for b, g in zip(ob, og):
-                b.mul_(mu).add_(g, alpha=s)
-    bs = [new_b[i] for i in live]
-    if foreach:
-        if nesterov:
-            torch._foreach_add_(ps, gs, alpha=-eta * s)
-            torch._foreach_add_(ps, bs, alpha=-eta * mu)
-        else:
-            torch._foreach_add_(ps, bs, alpha=-eta)
-    else:
-        for p, g, b in zip(ps, gs, bs):
-            if nesterov:
-                p.add_(g, alpha=-eta * s).add_(b, alpha=-eta * mu)
-            else:
-                p.add_(b, alpha=-eta)
-    return new_p, new_b
-
-
-def _at(schedule: Sequence[Number] | torch.Tensor, t: int) -> Number:
+def at(schedule, t: int):
     """Entry ``t`` of a schedule, holding the last entry past its horizon."""
     return schedule[min(t, len(schedule) - 1)]
 
 
-# --------------------------------------------------------------------------- meta-parameters
-META_NAMES = ("log_step_size", "log_scale")
-
-
-def init_meta(config: LayerwiseConfig, horizon: int, dtype: torch.dtype = torch.float32,
-              device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-    """Unit meta-parameters: ``log_step_size = log(init_lr)``, ``log_scale = 0``.
-
-    Shapes: ``(len(ROLES), depth_bins, S)`` with ``S = horizon`` if ``per_step`` else 1.
-    """
-    s = horizon if config.per_step else 1
-    shape = (len(ROLES), config.depth_bins, s)
-    return {"log_step_size": torch.full(shape, math.log(config.init_lr), dtype=dtype, device=device),
-            "log_scale": torch.zeros(shape, dtype=dtype, device=device)}
-
-
-def group_schedules(meta: dict[str, torch.Tensor], info: GroupInfo) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Step-size and rescaling-factor schedules (each of shape ``(S,)``) of one group:
-
-    .. math:: \eta_{g,t} = \exp\big(\textstyle\sum_b w_b(d_g)\, \theta^{\eta}_{r_g, b, t}\big),
-              \quad s_{g,t} = \exp\big(\textstyle\sum_b w_b(d_g)\, \theta^{s}_{r_g, b, t}\big)
-
-    with ``w(d)`` the anchor weights of the group's relative depth and ``r_g`` its role.
-    Differentiable in ``meta``.
-    """
+def group_schedules(meta: dict[str, torch.Tensor], info: GroupInfo, names: Sequence[str] = META_NAMES,
+                    ) -> tuple[torch.Tensor, ...]:
+    r"""The ``(S,)`` schedules ``exp(sum_b w_b(d) theta[r, b, :])`` of one group, one per name
+    in ``names`` (tensors of shape ``(roles, depth_bins, S)``; differentiable in ``meta``)."""
+    first = meta[names[0]]
+    w = torch.tensor(anchor_weights(info.depth, first.shape[1]), dtype=first.dtype, device=first.device)
     r = ROLES.index(info.role)
+    return tuple(torch.exp(torch.einsum("b,bs->s", w, meta[k][r])) for k in names)
+
+
+def schedule_shapes(per_step: bool, depth_bins: int, horizon: int, names: Sequence[str] = META_NAMES,
+                    ) -> dict[str, tuple[int, int, int]]:
+    """``(roles, depth_bins, S)`` for every name, ``S = horizon`` if ``per_step`` else 1."""
+    return {k: (len(ROLES), depth_bins, horizon if per_step else 1) for k in names}
+
+
+def schedule_lines(meta: dict[str, torch.Tensor], horizon: int) -> list[str]:
+    """``metascale info`` lines: the effective step ``eta * s`` per role and depth anchor."""
     bins = meta["log_step_size"].shape[1]
-    w = torch.tensor(anchor_weights(info.depth, bins), dtype=meta["log_step_size"].dtype,
-                     device=meta["log_step_size"].device)
-    eta = torch.exp(torch.einsum("b,bs->s", w, meta["log_step_size"][r]))
-    scale = torch.exp(torch.einsum("b,bs->s", w, meta["log_scale"][r]))
-    return eta, scale
+    lines = [f"learned schedules over {horizon} step(s) (step size eta, rescaling factor s; effective eta*s):"]
+    for r, role in enumerate(ROLES):
+        for b in range(bins):
+            eta, s = torch.exp(meta["log_step_size"][r, b]), torch.exp(meta["log_scale"][r, b])
+            eff = (eta * s).tolist()
+            show = ", ".join(f"{x:.3g}" for x in eff[:8]) + (", ..." if len(eff) > 8 else "")
+            depth = b / (bins - 1) if bins > 1 else 0.0
+            lines.append(f"  {role:<6} depth {depth:.2f}: eta*s = [{show}]  (mean eta {eta.mean():.3g}, "
+                         f"mean s {s.mean():.3g})")
+    return lines
 
 
-# --------------------------------------------------------------------------- frozen optimizer
-class LayerwiseOptimizer(torch.optim.Optimizer):
-    r"""The frozen layer-wise optimizer: a drop-in ``torch.optim.Optimizer``.
+def learned_schedules(meta: dict[str, torch.Tensor]) -> dict:
+    """Step size and rescaling factor per role, ``[anchor][step]`` nested lists."""
+    return {role: {"step_size": torch.exp(meta["log_step_size"][r]).tolist(),
+                   "scale": torch.exp(meta["log_scale"][r]).tolist()} for r, role in enumerate(ROLES)}
 
-    Build it from meta-parameters (usually via :func:`metascale.load_optimizer`)::
 
-        opt = LayerwiseOptimizer(model.parameters(), meta, momentum=0.9)
+def overflow(meta: dict[str, torch.Tensor], names: Sequence[str] = META_NAMES) -> str | None:
+    """The first name whose ``exp`` is not finite, as a message (``None``: all finite)."""
+    for k in names:
+        if not torch.isfinite(torch.exp(meta[k].float())).all():  # as a float32 factor
+            return f"exp({k}) overflows"
+    return None
 
-    Parameters are grouped by role and relative depth (:mod:`metascale.optim.groups`); each
-    group carries its step-size and rescaling-factor schedules (tuples of floats). ``lr`` is a
-    global multiplier (default 1) so ``torch.optim.lr_scheduler`` works on top. Past the
-    learned horizon the last step's values are held.
 
-    State: ``momentum_buffer`` per parameter when ``momentum > 0`` and a step count. After
-    each step every group holds the step size and rescaling factor it used in
-    ``group["last_step_size"]`` and ``group["last_scale"]`` (floats; for reports and logging).
-    """
+@dataclasses.dataclass
+class _Bound:
+    """Per-group schedules ``(eta, s)`` and, on the differentiable path, the constant ``s``
+    folded into ``eta`` (``None`` when not folded)."""
 
-    def __init__(self, params: Iterable[torch.Tensor], meta: dict[str, torch.Tensor], *,
-                 momentum: float = 0.0, nesterov: bool = False, lr: float = 1.0,
-                 foreach: bool | None = None):
-        groups = []
-        meta = {k: v.detach().double().cpu() for k, v in meta.items()}
-        for info, ps in group_parameters(params):
+    config: LayerwiseConfig
+    schedules: list[tuple]
+    folded: list[torch.Tensor | None]
+
+
+class LayerwiseRule(Rule):
+    """The layer-wise rule (see the module doc)."""
+
+    name = "layerwise"
+    config_type = LayerwiseConfig
+    table = "optimizer"
+    buffers = ("momentum_buffer",)
+    summary = ("a learned step size and rescaling factor per layer and inner step (spec table [optimizer]); "
+               "one momentum buffer per parameter")
+
+    def meta_shapes(self, config, horizon):
+        return schedule_shapes(config.per_step, config.depth_bins, horizon)
+
+    def init_meta(self, config, horizon, *, seed=0, dtype=torch.float32, device=None):
+        """Unit meta-parameters: ``log_step_size = log(init_lr)``, ``log_scale = 0``."""
+        shapes = self.meta_shapes(config, horizon)
+        return {"log_step_size": torch.full(shapes["log_step_size"], math.log(config.init_lr), dtype=dtype,
+                                            device=device),
+                "log_scale": torch.zeros(shapes["log_scale"], dtype=dtype, device=device)}
+
+    def horizon_of(self, meta, config):
+        return int(meta["log_step_size"].shape[-1]) if config.per_step else None
+
+    def check_meta(self, meta, config):
+        return overflow(meta)
+
+    def learned(self, meta):
+        return learned_schedules(meta)
+
+    def describe(self, meta, config, horizon):
+        return schedule_lines(meta, meta["log_step_size"].shape[-1])
+
+    def bind(self, meta, config, infos, *, differentiable):
+        """Frozen: the schedules as float tuples. Differentiable: tensors; where only the product
+        ``eta * s`` matters (no momentum, or a constant ``s``: the buffer of one unroll is then
+        ``s`` times that of step ``eta * s``) the product is the step size and the scale the
+        number 1, which saves a pass over the gradients and keeps autograd from storing every
+        inner gradient for ``d/ds``; buffers are then kept divided by ``s`` (:meth:`enter`)."""
+        if not differentiable:
+            meta = {k: v.detach().double().cpu() for k, v in meta.items()}
+            scheds = [tuple(tuple(x.tolist()) for x in group_schedules(meta, i)) for i in infos]
+            return _Bound(config, scheds, [None] * len(infos))
+        scheds, folded = [], []
+        for info in infos:
             eta, scale = group_schedules(meta, info)
-            groups.append({"params": ps, "step_sizes": tuple(eta.tolist()), "scales": tuple(scale.tolist()),
-                           "role": info.role, "layer": info.layer, "num_layers": info.num_layers})
-        defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "foreach": foreach}
-        super().__init__(groups, defaults)
+            if config.momentum == 0 or len(scale) == 1:
+                scheds.append((eta * scale, (1.0,)))
+                folded.append(scale[0] if config.momentum != 0 else None)
+            else:
+                scheds.append((eta, scale))
+                folded.append(None)
+        return _Bound(config, scheds, folded)
 
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-            group.setdefault("nesterov", False)
+    def enter(self, bound, state, index):
+        s = bound.folded[index]
+        if s is None or not state.buffers:
+            return state
+        return dataclasses.replace(state, buffers={k: [None if b is None else b / s for b in v]
+                                                   for k, v in state.buffers.items()})
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Perform one optimisation step (``closure`` re-evaluates the loss, as in torch.optim)."""
-        loss = run_closure(closure)
-        for group, params in live_groups(self):
-            states = [self.state[p] for p in params]
-            t = states[0].get("step", 0)
-            foreach = group["foreach"]
-            if foreach is None:
-                foreach = True  # the foreach/fused kernels, also for one tensor (benchmarks/step_cost.py)
-            eta, s_t = group["lr"] * _at(group["step_sizes"], t), _at(group["scales"], t)
-            _, bufs = layerwise_update(
-                params, [p.grad for p in params], [s.get("momentum_buffer") for s in states],
-                step_size=eta, scale=s_t, momentum=group["momentum"], nesterov=group["nesterov"],
-                inplace=True, foreach=foreach)
-            group["last_step_size"], group["last_scale"] = eta, s_t  # what the step used (reports)
-            for s, b in zip(states, bufs):
-                s["step"] = t + 1
-                if b is not None:
-                    s["momentum_buffer"] = b
-        return loss
+    def leave(self, bound, state, index):
+        s = bound.folded[index]
+        if s is None or not state.buffers:
+            return state
+        return dataclasses.replace(state, buffers={k: [None if b is None else b * s for b in v]
+                                                   for k, v in state.buffers.items()})
+
+    def step(self, bound, views, *, total_steps, inplace):
+        cfg = bound.config
+        return [heavy_ball_group(v, *(at(x, v.state.step) for x in bound.schedules[v.index]), cfg.momentum,
+                                 cfg.nesterov, inplace) for v in views]
 
 
-def run_closure(closure) -> torch.Tensor | None:
-    """The loss of ``closure`` evaluated with gradients on (``None`` without one), as
-    ``torch.optim`` optimizers do at the start of ``step``."""
-    if closure is None:
-        return None
-    with torch.enable_grad():
-        return closure()
-
-
-def live_groups(optimizer: torch.optim.Optimizer) -> list[tuple[dict, list[torch.Tensor]]]:
-    """``(group, parameters with a gradient)`` of every group that has one; raises
-    ``RuntimeError`` for sparse gradients (the frozen metascale optimizers are dense)."""
-    live = []
-    for group in optimizer.param_groups:
-        params = [p for p in group["params"] if p.grad is not None]
-        if any(p.grad.is_sparse for p in params):
-            raise RuntimeError(f"{type(optimizer).__name__} does not support sparse gradients")
-        if params:
-            live.append((group, params))
-    return live
-
-
-# --------------------------------------------------------------------------- higher twin
-class DifferentiableLayerwise(higher.optim.DifferentiableOptimizer):
-    """``higher``'s differentiable twin of :class:`LayerwiseOptimizer`.
-
-    Registered with ``higher.register_optim`` when this module is imported, so
-    ``higher.innerloop_ctx(model, LayerwiseOptimizer(...), override={"step_sizes": [...],
-    "scales": [...]})`` runs the same :func:`layerwise_update` out of place, with per-group
-    schedule tensors that carry gradients back to the meta-parameters.
-    """
-
-    def _update(self, grouped_grads, **kwargs) -> None:
-        for gi, (group, grads) in enumerate(zip(self.param_groups, grouped_grads)):
-            states = [self.state[gi][pi] for pi in range(len(group["params"]))]
-            t = states[0].get("step", 0)
-            new_p, new_b = layerwise_update(
-                group["params"], list(grads), [s.get("momentum_buffer") for s in states],
-                step_size=group["lr"] * _at(group["step_sizes"], t), scale=_at(group["scales"], t),
-                momentum=group["momentum"], nesterov=group["nesterov"], inplace=False)
-            group["params"] = new_p
-            for s, b, g in zip(states, new_b, grads):
-                if g is not None:
-                    s["step"] = t + 1
-                if b is not None:
-                    s["momentum_buffer"] = b
-
-
-higher.register_optim(LayerwiseOptimizer, DifferentiableLayerwise)
-
-
-def differentiable_override(optimizer: LayerwiseOptimizer, meta: dict[str, torch.Tensor]) -> dict:
-    """The ``override`` dict for ``higher.innerloop_ctx``: per-group schedule tensors computed
-    from ``meta`` (which may require grad).
-
-    Where only the product ``eta * s`` matters (no momentum, or a constant ``s``: the buffer of
-    one unroll is then ``s`` times that of step ``eta * s``), the product is passed as the step
-    size and the scale as the number 1, which saves a pass over the gradients and keeps autograd
-    from storing every inner gradient for ``d/ds``; the values are the same."""
-    etas, scales = [], []
-    for group in optimizer.param_groups:
-        info = GroupInfo(group["role"], group["layer"], group["num_layers"])
-        eta, scale, _ = folded_schedules(meta, info, group["momentum"])
-        etas.append(eta)
-        scales.append(scale)
-    return {"step_sizes": etas, "scales": scales}
-
-
-def folded_schedules(meta: dict[str, torch.Tensor], info: GroupInfo, momentum: float):
-    """:func:`group_schedules` for a differentiable unroll, with ``eta * s`` folded into the
-    step size where only the product matters (``momentum == 0`` or a constant ``s``).
-
-    Returns ``(step_sizes, scales, s)``: folded, ``scales`` is ``(1.0,)`` and ``s`` the folded
-    constant (a momentum buffer ``b`` of the unfolded rule is ``s`` times the folded one);
-    otherwise ``s`` is ``None``."""
-    eta, scale = group_schedules(meta, info)
-    if momentum == 0 or len(scale) == 1:
-        return eta * scale, (1.0,), scale[0]
-    return eta, scale, None
+def heavy_ball_group(view: GroupView, step_size, scale, momentum: float, nesterov: bool, inplace: bool) -> GroupUpdate:
+    """The heavy-ball kernel on one group's parameters that have a gradient, at step size
+    ``view.lr * step_size`` and gradient scale ``scale``; the step count advances by one."""
+    eta = step_size if isinstance(view.lr, float) and view.lr == 1.0 else view.lr * step_size
+    live = [i for i, g in enumerate(view.grads) if g is not None]
+    bufs = list(view.state.buffers.get("momentum_buffer") or [None] * len(view.params))
+    ps, gs, bs = [view.params[i] for i in live], [view.grads[i] for i in live], [bufs[i] for i in live]
+    if inplace:
+        new_b = heavy_ball_(ps, gs, bs, lr=float(eta), momentum=momentum, scale=float(scale), nesterov=nesterov,
+                            foreach=view.foreach, fused=True)
+        new_p = list(view.params)
+    else:
+        live_p, new_b = heavy_ball(ps, gs, bs, lr=eta, momentum=momentum, scale=scale, nesterov=nesterov)
+        new_p = list(view.params)
+        for i, p in zip(live, live_p):
+            new_p[i] = p
+    for i, b in zip(live, new_b):
+        bufs[i] = b
+    state = GroupState(view.state.step + 1, {"momentum_buffer": bufs} if momentum != 0 else {}, {})
+    return GroupUpdate(new_p, state, eta, scale)
