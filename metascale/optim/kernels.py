@@ -38,6 +38,11 @@ loss scale ``s`` a step-size multiplier for Adam as it is for SGD):
 (``lambda = 0``) or ``torch.optim.AdamW``. The out-of-place square root has a zero gradient
 where ``v = 0`` (the derivative of ``sqrt`` at 0 is infinite: torchopt #26, higher #125); its
 value is the same.
+
+**The scaled optimizers' kernels** (:mod:`metascale.scaling`): SGD through the heavy-ball
+kernel, and Adam (moments stored undecayed, five passes), RMSprop and Adagrad, each consuming
+gradients that carry a known loss scale ``sigma``; their math is in their docstrings and in
+docs/loss-scaling.md.
 """
 from __future__ import annotations
 
@@ -184,3 +189,125 @@ def adam_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[
             m.mul_(beta1).add_(g, alpha=(1 - beta1) * scale)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         p.addcdiv_(m, (v.sqrt() / bc2_sqrt).add_(eps), value=-lr / bc1)
+
+
+# --------------------------------------------------------------------------- the scaled optimizers' kernels
+# Each updates one group in place with torch._foreach_* kernels. Arguments: the tensors, then
+# scalars: lr_eff (lr * s in step mode, lr in invariant mode), sigma (the factor the gradients
+# carry), ratio = sigma_t / sigma_{t-1} (1 on the first step), and the hyperparameters.
+
+def sgd_update_(params, grads, bufs, *, lr_eff, sigma, ratio, momentum, dampening, nesterov,
+                weight_decay, first: bool, foreach: bool = True) -> list[torch.Tensor]:
+    r"""Scaled SGD (torch.optim.SGD semantics on ``g = g_hat / sigma``): the heavy-ball kernel
+    (:func:`heavy_ball_`) with step ``eta / sigma``, a buffer decay ``mu * sigma_t / sigma_{t-1}``
+    and ``1 - tau`` on gradients entering an existing buffer.
+
+    .. math::
+        \hat d = \hat g + \sigma\lambda p,\quad
+        \hat b = \mu \tfrac{\sigma_t}{\sigma_{t-1}} \hat b + (1-\tau)\hat d \;(\hat b_0 = \hat d),\quad
+        p \leftarrow p - \tfrac{\eta}{\sigma}\,(\hat d + \mu \hat b \text{ if nesterov else } \hat b)
+
+    Returns the momentum buffers (created on the first step).
+    """
+    if weight_decay:
+        grads = torch._foreach_add(grads, params, alpha=sigma * weight_decay)
+    return heavy_ball_(params, grads, [None] * len(params) if first else bufs, lr=lr_eff / sigma,
+                       momentum=momentum, coef=1 - dampening, decay=momentum * ratio, nesterov=nesterov,
+                       foreach=foreach)
+
+
+def adam_update_(params, grads, exp_avgs, exp_avg_sqs, *, step, ref_step, lr_eff, sigma, beta1, beta2,
+                 eps, weight_decay, decoupled) -> int:
+    r"""Scaled Adam / AdamW (torch.optim semantics on ``g = g_hat / sigma``) in five passes.
+
+    The moments are stored *undecayed* relative to a reference step ``t0``
+    (``m_t = beta1^(t-t0) m~``, ``v_t = beta2^(t-t0) v~``), so each moment update is a single
+    kernel whose constant absorbs the decay, the scale and ``1 - beta``:
+
+    .. math::
+        \tilde m \mathrel{+}= \frac{1-\beta_1}{\beta_1^{k}\,\sigma}\,\hat g,\qquad
+        \tilde v \mathrel{+}= \frac{1-\beta_2}{\beta_2^{k}\,\sigma^2}\,\hat g^2,\qquad k = t - t_0,
+
+    and the parameter update folds the bias corrections and the decay back in:
+
+    .. math::
+        p \leftarrow p - \eta\,\frac{\beta_1^{k}\sqrt{1-\beta_2^t}}{(1-\beta_1^t)\,\beta_2^{k/2}}\,
+        \frac{\tilde m}{\sqrt{\tilde v} + \epsilon\sqrt{1-\beta_2^t}\,\beta_2^{-k/2}}
+
+    which is algebraically torch's ``p - lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)``. The
+    moments are in unscaled units, so a scale that changes between steps needs no buffer
+    correction. When ``beta^-k`` passes ``2^16`` the moments are renormalised (one extra pass,
+    about every ``11 / (1 - beta1)`` steps) and ``t0`` moves to ``t - 1``. Passes per step: two
+    moment kernels, ``sqrt``, ``+ eps``, ``addcdiv`` (torch's foreach Adam: seven, plus
+    GradScaler's unscale). Weight decay as in torch: coupled adds ``sigma * wd * p`` to
+    ``g_hat``; decoupled multiplies ``p`` by ``1 - lr_eff * wd``.
+
+    Returns the (possibly moved) reference step ``t0``.
+    """
+    if weight_decay:
+        if decoupled:
+            torch._foreach_mul_(params, 1 - lr_eff * weight_decay)
+        else:
+            grads = torch._foreach_add(grads, params, alpha=sigma * weight_decay)
+    if beta1 ** (step - ref_step) < 2.0 ** -16 or beta2 ** (step - ref_step) < 2.0 ** -16:
+        k_prev = step - 1 - ref_step
+        torch._foreach_mul_(exp_avgs, beta1 ** k_prev)
+        torch._foreach_mul_(exp_avg_sqs, beta2 ** k_prev)
+        ref_step = step - 1
+    k = step - ref_step
+    d1, d2 = beta1 ** k, beta2 ** k
+    torch._foreach_add_(exp_avgs, grads, alpha=(1 - beta1) / (d1 * sigma))
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=(1 - beta2) / (d2 * sigma * sigma))
+    bc1, bc2_sqrt = 1 - beta1 ** step, math.sqrt(1 - beta2 ** step)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denom, eps * bc2_sqrt / math.sqrt(d2))
+    torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr_eff * d1 * bc2_sqrt / (bc1 * math.sqrt(d2)))
+    return ref_step
+
+
+def rmsprop_update_(params, grads, square_avgs, grad_avgs, bufs, *, lr_eff, sigma, ratio, alpha, eps,
+                    weight_decay, momentum, centered) -> None:
+    r"""Scaled RMSprop (torch.optim.RMSprop semantics on ``g = g_hat / sigma``).
+
+    .. math::
+        v \leftarrow \alpha v + \tfrac{1-\alpha}{\sigma^2}\hat g^2,\quad
+        \hat{\bar g} \leftarrow \alpha \tfrac{\sigma_t}{\sigma_{t-1}} \hat{\bar g} + (1-\alpha)\hat g \text{ (centered)},\quad
+        a = \sqrt{v - \hat{\bar g}^2/\sigma^2} + \epsilon,\quad
+        \hat b \leftarrow \mu \tfrac{\sigma_t}{\sigma_{t-1}}\hat b + \hat g / a,\quad
+        p \leftarrow p - \tfrac{\eta}{\sigma}\hat b \;(\text{or } \tfrac{\eta}{\sigma}\hat g / a \text{ without momentum})
+    """
+    if weight_decay:
+        grads = torch._foreach_add(grads, params, alpha=sigma * weight_decay)
+    torch._foreach_mul_(square_avgs, alpha)
+    torch._foreach_addcmul_(square_avgs, grads, grads, value=(1 - alpha) / (sigma * sigma))
+    if centered:  # grad_avg kept in scaled units, like the momentum buffers
+        if ratio != 1.0:
+            torch._foreach_mul_(grad_avgs, ratio)
+        torch._foreach_lerp_(grad_avgs, grads, 1 - alpha)
+        avg = torch._foreach_addcmul(square_avgs, grad_avgs, grad_avgs, value=-1 / (sigma * sigma))
+        torch._foreach_sqrt_(avg)
+    else:
+        avg = torch._foreach_sqrt(square_avgs)
+    torch._foreach_add_(avg, eps)
+    if momentum:
+        torch._foreach_mul_(bufs, momentum * ratio)
+        torch._foreach_addcdiv_(bufs, grads, avg)
+        torch._foreach_add_(params, bufs, alpha=-lr_eff / sigma)
+    else:
+        torch._foreach_addcdiv_(params, grads, avg, value=-lr_eff / sigma)
+
+
+def adagrad_update_(params, grads, state_sums, *, step, lr_eff, sigma, lr_decay, eps, weight_decay) -> None:
+    r"""Scaled Adagrad (torch.optim.Adagrad semantics on ``g = g_hat / sigma``).
+
+    .. math::
+        S \leftarrow S + \hat g^2/\sigma^2,\quad
+        p \leftarrow p - \frac{\eta}{\sigma\,(1 + (t-1)\,\delta)}\,\frac{\hat g}{\sqrt{S} + \epsilon}
+    """
+    if weight_decay:
+        grads = torch._foreach_add(grads, params, alpha=sigma * weight_decay)
+    torch._foreach_addcmul_(state_sums, grads, grads, value=1 / (sigma * sigma))
+    std = torch._foreach_sqrt(state_sums)
+    torch._foreach_add_(std, eps)
+    clr = lr_eff / (1 + (step - 1) * lr_decay)
+    torch._foreach_addcdiv_(params, grads, std, value=-clr / sigma)
