@@ -25,6 +25,10 @@ CASES = [
     ("quadratic", {"n_train": 40, "n_val": 80}),
     ("gaussian_mixture", {"n_train": 40, "n_val": 80}),
     ("digits", {}),
+    ("mnist", {"models": ["mlp", "cnn", "resmlp"], "width": [4, 8], "n_train": 100, "n_val": 100}),
+    ("mnist_1d", {"models": ["mlp", "cnn", "gru", "resmlp"], "width": [4, 8], "n_train": 100, "n_val": 100}),
+    ("tabular", {"datasets": ["iris", "wine", "breast_cancer"], "width": [4, 8]}),
+    ("char_lm", {"seq_len": 8, "d_model": [8, 16], "layers": [1, 2], "n_train": 40, "n_val": 20}),
 ]
 NAMES = [name for name, _ in CASES]
 
@@ -89,10 +93,14 @@ def test_shapes_dtypes_and_initial_loss(name):
     task = sampler(name).task(0)
     model = task.make_model()
     for x, y in ((task.x_train, task.y_train), (task.x_val, task.y_val)):
-        assert x.dtype == torch.float32 and x.dim() == 2 and y.shape[0] == x.shape[0] > BATCH
+        want = torch.long if task.kind == "sequence" else torch.float32  # token ids
+        assert x.dtype == want and x.dim() == 2 and y.shape[0] == x.shape[0] > BATCH
         out = model(x)
         if task.kind == "regression":
             assert y.dtype == torch.float32 and y.shape == (x.shape[0], 1) == out.shape
+        elif task.kind == "sequence":  # a class per position: logits (N, classes, positions)
+            assert y.dtype == torch.long and y.shape == x.shape and out.shape == (x.shape[0], out.shape[1], x.shape[1])
+            assert 0 <= y.min() and y.max() < out.shape[1]
         else:
             assert task.kind == "classification"
             n_classes = out.shape[1]
@@ -119,8 +127,8 @@ def test_train_batch_is_a_deterministic_minibatch_of_the_pool(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_to_float64_keeps_integer_targets(name):
     task = sampler(name).task(0).to(dtype=torch.float64)
-    assert task.x_train.dtype == task.x_val.dtype == torch.float64
-    want = torch.long if task.kind == "classification" else torch.float64
+    assert task.x_train.dtype == task.x_val.dtype == (torch.long if task.kind == "sequence" else torch.float64)
+    want = torch.long if task.kind in ("classification", "sequence") else torch.float64
     assert task.y_train.dtype == task.y_val.dtype == want
     out = task.make_model(dtype=torch.float64)(task.x_val)
     assert math.isfinite(task.loss(out, task.y_val).item())
