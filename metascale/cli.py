@@ -295,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="folder for report.md and the PNG plots (default: RUN_DIR)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_report)
+
+    from .bench import add_parser as add_bench_parser  # metascale bench (metascale/bench.py)
+    add_bench_parser(sub)
     return p
 
 
