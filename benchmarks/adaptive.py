@@ -53,7 +53,7 @@ def run_one(spec_path: Path, seed: int, rules: list[str], settings: list[str], o
     torch.set_num_threads(1)
     spec = metascale.load_spec(spec_path)
     if adaptive:  # an ablation of the [adaptive] table
-        spec = dataclasses.replace(spec, adaptive=dataclasses.replace(spec.adaptive, **adaptive))
+        spec = spec.with_table("adaptive", dataclasses.replace(spec.rules["adaptive"], **adaptive))
     out_file = out_dir / f"{spec.name}_seed{seed}.json"
     if out_file.exists():
         return json.loads(out_file.read_text())

@@ -49,8 +49,8 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(1)
     spec = metascale.load_spec(a.spec)
-    spec = dataclasses.replace(spec, meta=dataclasses.replace(spec.meta, **json.loads(a.meta)),
-                               adaptive=dataclasses.replace(spec.adaptive, **json.loads(a.adaptive)))
+    spec = dataclasses.replace(spec, meta=dataclasses.replace(spec.meta, **json.loads(a.meta)))
+    spec = spec.with_table("adaptive", dataclasses.replace(spec.rules["adaptive"], **json.loads(a.adaptive)))
     t0 = time.time()
     with tempfile.TemporaryDirectory() as d:
         res = metascale.MetaTrainer(spec, seed=a.seed, device="cpu", progress=False, rule=a.rule).train(

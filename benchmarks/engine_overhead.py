@@ -40,7 +40,9 @@ from torch.func import functional_call
 
 from metascale.inner.func_engine import unroll_func
 from metascale.inner.higher_engine import unroll
-from metascale.optim import LayerwiseConfig, init_meta
+from metascale.optim import RULES, LayerwiseConfig
+
+init_meta = RULES["layerwise"].init_meta
 from metascale.tasks.base import Task, mlp, mse
 
 ROOT = Path(__file__).resolve().parent.parent

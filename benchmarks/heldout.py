@@ -28,7 +28,7 @@ def run_one(spec_path: Path, seed: int, meta_steps: int | None, threads: int) ->
     t0 = time.time()
     res = metascale.MetaTrainer(spec, seed=seed, device="cpu", meta_steps=meta_steps, progress=False).train()
     with tempfile.TemporaryDirectory() as d:
-        path = metascale.save_optimizer(Path(d) / "o.safetensors", res.meta, spec.optimizer, spec.to_dict(), res.summary)
+        path = metascale.save_optimizer(Path(d) / "o.safetensors", res.meta, res.rule, spec.to_dict(), res.summary)
         learned = {"learned": lambda p, lr: metascale.load_optimizer(path, p, lr=lr)}
         out = evaluate(learned, spec, seed=seed, device="cpu", progress=False)
     out["meta_train_s"] = round(time.time() - t0, 1)

@@ -161,7 +161,7 @@ class L2LMethod:
     def __init__(self, name: str, spec, seed: int):
         self.l2l, self.name, self.spec, self.K = import_learn2learn(), name, spec, spec.inner.steps
         torch.manual_seed(seed)  # the dense transform's random init
-        opt = spec.optimizer
+        opt = spec.rules["optimizer"]
         self.lr0 = opt.init_lr / (1 - opt.momentum)
         template = spec.sampler("train", seed).task(0).make_model()
         rel = spec.meta.lr * self.lr0  # Adam step on a rate: the relative move of Adam on a log rate
@@ -382,13 +382,13 @@ def step_fn(name: str, spec, seed: int):
     if name == "metascale-layerwise-func":  # the same rule and numbers on the torch.func engine
         return lambda: metascale_trainer(spec, seed, "layerwise", meta_steps=1, engine="func").train()
     if name == "metascale-sgd-rule-func":  # diagnostic: momentum 0, i.e. LSLR's plain-SGD rule
-        plain = dataclasses.replace(spec, optimizer=dataclasses.replace(spec.optimizer, momentum=0.0))
+        plain = spec.with_table("optimizer", dataclasses.replace(spec.rules["optimizer"], momentum=0.0))
         return lambda: metascale_trainer(plain, seed, "layerwise", meta_steps=1, engine="func").train()
     if name.startswith("metascale-"):
         rule = name.split("-", 1)[1]
         return lambda: metascale_trainer(spec, seed, rule, meta_steps=1).train()
     if name == "torchopt-metasgd":
-        lr0 = spec.optimizer.init_lr / (1 - spec.optimizer.momentum)
+        lr0 = spec.rules["optimizer"].init_lr / (1 - spec.rules["optimizer"].momentum)
         return lambda: torchopt_meta_step(tasks(), spec.inner.steps, lr0, spec.inner.objective)
     if name == "draw-tasks":
         return tasks

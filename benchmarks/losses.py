@@ -75,8 +75,8 @@ def run_one(spec_path: Path, seed: int, n_tasks: int, loss_kind: str, meta_steps
     opt_only = metascale.MetaTrainer(spec, learn="optimizer", **kw).train()
     both = metascale.MetaTrainer(spec, learn="both", **kw).train()
     with tempfile.TemporaryDirectory() as d:
-        p_opt = metascale.save_optimizer(Path(d) / "o.safetensors", opt_only.meta, spec.optimizer, spec.to_dict(), {})
-        p_both = metascale.save_optimizer(Path(d) / "b.safetensors", both.meta, spec.optimizer, spec.to_dict(), {})
+        p_opt = metascale.save_optimizer(Path(d) / "o.safetensors", opt_only.meta, opt_only.rule, spec.to_dict(), {})
+        p_both = metascale.save_optimizer(Path(d) / "b.safetensors", both.meta, both.rule, spec.to_dict(), {})
         learned = {"optimizer_alone": lambda p, lr: metascale.load_optimizer(p_opt, p, lr=lr),
                    "joint_optimizer": lambda p, lr: metascale.load_optimizer(p_both, p, lr=lr), **band}
         losses = {"sgd+loss_alone": ("sgd", loss_only.loss), "joint": ("joint_optimizer", both.loss)}

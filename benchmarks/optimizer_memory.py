@@ -84,11 +84,12 @@ def make_optimizer(name: str, params, steps: int):
         opt.train()
         return opt
     import metascale
-    from metascale.optim import frozen_optimizer, init_rule_meta, rule_config
+    from metascale.optim import RULES, LearnedOptimizer
     spec = metascale.load_spec(ROOT / "tasks" / "sine.toml")
-    config = rule_config(spec, name.replace("_", "-"))
-    meta = init_rule_meta(config, spec.inner.steps)
-    return frozen_optimizer(params, meta, config, total_steps=steps)
+    rule = name.replace("_", "-")
+    config = spec.rule_config(rule)
+    meta = RULES[rule].init_meta(config, spec.inner.horizon)
+    return LearnedOptimizer(params, meta, config, total_steps=steps)
 
 
 def make_mlp(width: int, layers: int = 4):

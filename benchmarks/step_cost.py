@@ -16,11 +16,11 @@ cost does not depend on the values).
 
 The metascale optimizers run as the library builds them: foreach kernels for every group, and
 the in-place heavy-ball update (momentum, no Nesterov: ``adaptive_momentum``, ``layerwise``)
-is one ``torch._fused_sgd_`` pass over (p, g, b) per group (:func:`layerwise_update`).
+is one ``torch._fused_sgd_`` pass over (p, g, b) per group (:func:`metascale.optim.kernels.heavy_ball_`).
 
 Breakdown of the adaptive step (timed in the same rounds, on the adaptive optimizer's own
 tensors): ``norm_grads`` and ``norm_params`` (the two ``torch._foreach_norm`` reductions),
-``update`` (:func:`layerwise_update` in place with the step's ``eta`` and ``s``, per variant,
+``update`` (:func:`heavy_ball_` in place with the step's ``eta`` and ``s``, per variant,
 the same call the optimizer makes), and the same step on a 16-wide copy of the MLP
 (``tiny_*``), where the whole step is the fixed per-step cost: Python, the per-group
 statistics and the tiny network. The JSON records the 1-minute load average before and after.
@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from metascale.optim import layerwise_update
+from metascale.optim.kernels import heavy_ball_
 from optimizer_memory import ROOT, make_mlp, make_optimizer
 
 OPTIMIZERS = ("sgd_momentum", "adam", "adaptive", "adaptive_momentum", "layerwise")
@@ -59,24 +59,25 @@ def build(name: str, width: int, grads: list[torch.Tensor] | None, seed: int = 0
         return torch.optim.Adam(params, lr=1e-3, foreach=True), params
     opt = make_optimizer(name, params, 10_000)
     gen = torch.Generator().manual_seed(seed)
-    if hasattr(opt, "net"):  # perturbed, untrained network: every path of the network is live
-        opt.net = {k: v + 0.01 * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in opt.net.items()}
+    if hasattr(opt.bound, "net"):  # perturbed, untrained network: every path of the network is live
+        opt.bound.net = {k: v + 0.01 * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in opt.bound.net.items()}
     return opt, params
 
 
 def adaptive_parts(opt) -> dict:
-    """Callables for the parts of ``opt.step()`` of an AdaptiveOptimizer, on its own tensors."""
+    """Callables for the parts of ``opt.step()`` of an adaptive rule's optimizer, on its own tensors."""
     groups = [(g, [p for p in g["params"]]) for g in opt.param_groups]
     flat = [p for _, ps in groups for p in ps]
     grads = [p.grad for p in flat]
 
     @torch.no_grad()
-    def update():  # as AdaptiveOptimizer.step calls it (foreach None: the foreach/fused kernels)
+    def update():  # as the rule's step calls the kernel (foreach None: the foreach/fused kernels)
+        cfg = opt.config
         for g, ps in groups:
             states = [opt.state[p] for p in ps]
-            layerwise_update(ps, [p.grad for p in ps], [st.get("momentum_buffer") for st in states],
-                             step_size=g["last_step_size"], scale=g["last_scale"], momentum=g["momentum"],
-                             nesterov=g["nesterov"], inplace=True, foreach=g["foreach"] is not False)
+            heavy_ball_(ps, [p.grad for p in ps], [st.get("momentum_buffer") for st in states],
+                        lr=g["last_step_size"], scale=g["last_scale"], momentum=cfg.momentum, nesterov=cfg.nesterov,
+                        foreach=g["foreach"] is not False, fused=True)
 
     return {"norm_grads": lambda: torch._foreach_norm(grads), "norm_params": lambda: torch._foreach_norm(flat),
             "update": update}

@@ -28,7 +28,7 @@ weight's contribution by a similar amount. The network, shared across groups and
     \eta_{g,t} = \eta_0\, e^{B\tanh(r_0/B)}, \quad s_{g,t} = e^{B\tanh(r_1/B)},
 
 gives the step size and rescaling factor, which drive the layer-wise update
-(:func:`~metascale.optim.layerwise.layerwise_update`): ``p -= eta * s * g`` without momentum,
+(:func:`~metascale.optim.kernels.heavy_ball_` / ``heavy_ball``): ``p -= eta * s * g`` without momentum,
 ``b = mu b + s g; p -= eta b`` with it. The linear path ``W_l`` can express per-layer
 normalised steps (``eta ~ RMS(P) / RMS(G)``, as LARS: ``W_l[0, :2] = (-1/c, 1/c)``) exactly; the ``tanh`` layer adds
 schedules and interactions. ``S`` is a table of (log step size, log scale) offsets per role,
