@@ -10,12 +10,14 @@ from typing import Any
 
 from .adaptive import AdaptiveRule
 from .layerwise import LayerwiseRule
+from .layerwise_adam import LayerwiseAdamRule
 from .rule import Rule
 
 RULES: dict[str, Rule] = {r.name: r for r in (
     LayerwiseRule(),
     AdaptiveRule("adaptive", with_momentum=False),
     AdaptiveRule("adaptive-momentum", with_momentum=True),
+    LayerwiseAdamRule(),
 )}
 DEFAULT_RULE = "layerwise"
 """What ``metascale meta-train`` and ``scripts/run.sh`` meta-train when no rule is named."""
