@@ -24,3 +24,8 @@ class MissingExtraError(MetascaleError, ImportError):
 class CheckpointError(MetascaleError, ValueError):
     """A meta-training checkpoint is missing, corrupted, of another format version, or from
     another run (spec, seed, learn mode or rule) than the one asked to resume."""
+
+
+class StateError(MetascaleError, ValueError):
+    """An optimizer ``state_dict`` that does not fit the optimizer loading it: another rule,
+    other meta-parameters, another model's shapes, or malformed values."""

@@ -70,6 +70,9 @@ NET_NAMES = ("w1", "b1", "w2", "b2", "wl")  # always present; "table" too when t
 TABLE = "table"
 EPS = 1e-8
 LOG_SCALE = 0.1  # c: the factor on the absolute log-RMS features
+MAX_WEIGHT = 1e30
+"""Largest magnitude of a stored weight: features are below ~200 in magnitude, so every sum
+of the forward stays below float32's 3.4e38."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,6 +295,18 @@ class AdaptiveRule(Rule):
 
     def init_meta(self, config, horizon, *, seed=0, dtype=torch.float32, device=None):
         return init_net(self.resolve(config, horizon), seed, dtype, device)
+
+    def check_meta(self, meta, config):
+        """Weights beyond :data:`MAX_WEIGHT` can overflow the network's float32 forward
+        (``inf - inf``), and ``tanh`` of NaN is NaN: such a file would give NaN factors."""
+        for k, v in meta.items():
+            if v.numel() and float(v.abs().max()) > MAX_WEIGHT:
+                return f"{k} holds weights beyond {MAX_WEIGHT:g}, which overflow the network's float32 forward"
+        return None
+
+    def check_stats(self, stats):
+        bad = [k for k, v in stats.items() if v < 0]
+        return f"{bad[0]} = {stats[bad[0]]!r} is a mean square; expected >= 0" if bad else None
 
     def meta_groups(self, meta, lr, net_lr):
         """The output offsets ``b_2`` and the table are log step sizes and scales like the static

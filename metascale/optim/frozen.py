@@ -21,6 +21,7 @@ adaptive ones) are held on the optimizer, not in its ``state_dict``.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 import torch
@@ -28,6 +29,7 @@ import torch
 from .groups import GroupInfo, group_parameters
 from .registry import rule_for
 from .rule import GroupView, read_group_state, write_group_state
+from .statedict import KEY, check_state_dict, identity, match_buffers
 
 
 class LearnedOptimizer(torch.optim.Optimizer):
@@ -37,7 +39,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
                  total_steps: int, lr: float = 1.0, foreach: bool | None = None):
         if not isinstance(total_steps, int) or isinstance(total_steps, bool) or total_steps < 1:
             raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr < 0:
+            raise ValueError(f"Invalid learning rate: {lr!r} (expected a finite number >= 0)")
         self.rule = rule_for(config)
+        params = list(params)
+        check_params(params)
         grouped = group_parameters(params)
         groups = [{"params": ps, "role": info.role, "layer": info.layer, "num_layers": info.num_layers}
                   for info, ps in grouped]
@@ -45,6 +51,25 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self.config, self.total_steps = config, total_steps
         self.meta = {k: v.detach().clone() for k, v in meta.items()}
         self.bound = self.rule.bind(self.meta, config, [info for info, _ in grouped], differentiable=False)
+
+    def identity(self) -> dict[str, str]:
+        """The rule and a digest of the config and meta-parameters (:func:`.statedict.identity`),
+        stored in the ``state_dict`` so that no other learned optimizer's state loads here."""
+        if getattr(self, "_identity", None) is None:
+            self._identity = identity(self.rule, self.config, self.meta)
+        return self._identity
+
+    def state_dict(self) -> dict:
+        """``torch.optim``'s ``state_dict`` plus ``"metascale"``: this optimizer's identity."""
+        return {**super().state_dict(), KEY: dict(self.identity())}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a ``state_dict`` of this optimizer (same rule, meta-parameters and model shapes);
+        anything else raises :class:`~metascale.errors.StateError` before anything is written
+        (:mod:`metascale.optim.statedict`)."""
+        check_state_dict(self, state_dict)
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != KEY})
+        match_buffers(self)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -70,6 +95,16 @@ class LearnedOptimizer(torch.optim.Optimizer):
             group = self.param_groups[view.index]
             group["last_step_size"], group["last_scale"] = up.step_size, up.scale
         return loss
+
+
+def check_params(params: list) -> None:
+    """``ValueError`` for parameters the rules cannot update: complex, integer or on the
+    ``meta`` device (holding no values)."""
+    for p in params:
+        if isinstance(p, torch.Tensor) and (p.is_complex() or not p.is_floating_point() or p.device.type == "meta"):
+            what = "on the meta device" if p.device.type == "meta" else f"of dtype {p.dtype}"
+            raise ValueError(f"metascale optimizers update real floating-point parameters holding values; got a "
+                             f"parameter of shape {tuple(p.shape)} {what}")
 
 
 def group_infos(optimizer: torch.optim.Optimizer) -> list[GroupInfo]:

@@ -89,7 +89,7 @@ def heavy_ball_(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: lis
             for p, g in zip(params, grads):
                 p.add_(g, alpha=-lr * scale)
         return list(bufs)
-    if fused and foreach and not nesterov and c == scale and d == momentum:
+    if fused and foreach and not nesterov and c == scale and d == momentum and _laid_out_alike(params, grads, bufs):
         return _heavy_ball_fused(params, grads, bufs, lr=lr, momentum=momentum, scale=scale)
     bufs = list(bufs)
     fresh = [i for i, b in enumerate(bufs) if b is None]
@@ -117,6 +117,18 @@ def heavy_ball_(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: lis
             else:
                 p.add_(b, alpha=-lr)
     return bufs
+
+
+def _laid_out_alike(params, grads, bufs) -> bool:
+    """Whether every gradient and buffer has its parameter's shape, strides, dtype and device:
+    torch's fused kernel trusts its inputs' sizes (a smaller buffer is written past its end)
+    and layouts. The other paths check shapes themselves (``RuntimeError``)."""
+    for p, g, b in zip(params, grads, bufs):
+        for t in (g, b):
+            if t is not None and (t.shape != p.shape or t.stride() != p.stride() or t.dtype != p.dtype
+                                  or t.device != p.device):
+                return False
+    return True
 
 
 def _heavy_ball_fused(params, grads, bufs, *, lr: float, momentum: float, scale: float) -> list[torch.Tensor]:

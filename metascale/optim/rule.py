@@ -131,6 +131,11 @@ class Rule:
         e.g. a step size whose ``exp`` overflows."""
         return None
 
+    def check_stats(self, stats: dict[str, Any]) -> str | None:
+        """What is wrong with finite per-group statistics loaded from a ``state_dict``
+        (``None``: nothing), e.g. a negative mean square."""
+        return None
+
     def learned(self, meta: dict[str, torch.Tensor]) -> dict | None:
         """The learned values worth a line of ``metrics.jsonl`` per meta-step (``None``: none
         that do not depend on the training state)."""
