@@ -175,3 +175,47 @@ def test_bad_family_tables_are_refused(name, table, expected):
     with pytest.raises(SpecError) as e:
         from_table(FAMILIES[name][1], table, "w")
     assert expected in str(e.value)
+
+
+# --- weight reparameterisation (task augmentation) ----------------------------------------------
+
+@pytest.mark.parametrize("name, table", [
+    ("tabular", {"datasets": ["wine"], "models": ["resmlp"], "width": [8, 8], "depth": [2, 2]}),
+    ("char_lm", {"seq_len": 8, "d_model": [8, 8], "layers": [1, 1], "n_train": 20, "n_val": 8}),
+    ("mnist_1d", {"models": ["gru"], "width": [8, 8], "depth": [1, 1], "n_train": 50, "n_val": 20}),
+])
+def test_reparam_keeps_the_function_at_init_and_scales_each_gradient_by_its_c(name, table):
+    plain = draw(name, table)
+    aug = draw(name, {**table, "reparam": [-1.0, 1.0]})
+    assert "reparam_seed" in aug.config and "reparam_seed" not in plain.config
+    assert {k: v for k, v in aug.config.items() if k != "reparam_seed"} == plain.config  # same draw otherwise
+    m0, m1 = plain.make_model(), aug.make_model()
+    cs = m1.scales
+    assert len(cs) == len(list(m0.parameters())) and all(0.1 <= c <= 10 for c in cs) and max(cs) / min(cs) > 2
+    for p, w, c in zip(m0.parameters(), m1.parameters(), cs):
+        assert p.shape == w.shape and torch.allclose(c * w, p, rtol=1e-6, atol=1e-7)
+    x, y = plain.x_val, plain.y_val
+    l0, l1 = plain.loss(m0(x), y), aug.loss(m1(x), y)
+    assert abs(l0.item() - l1.item()) < 1e-5
+    l0.backward()
+    l1.backward()
+    for p, w, c in zip(m0.parameters(), m1.parameters(), cs):
+        assert torch.allclose(w.grad, c * p.grad, rtol=1e-4, atol=1e-7)
+    assert aug.make_model().scales == cs  # the same draw gives the same scales
+
+
+def test_reparam_sgd_step_is_a_c_squared_step_on_the_weights():
+    aug = draw("tabular", {"datasets": ["iris"], "width": [8, 8], "reparam": [-1.0, 1.0]})
+    m = aug.make_model()
+    before = [(c * w).detach().clone() for c, w in zip(m.scales, m.w)]
+    aug.loss(m(aug.x_train), aug.y_train).backward()
+    grads_p = [w.grad / c for c, w in zip(m.scales, m.w)]  # dL/dp
+    torch.optim.SGD(m.parameters(), lr=0.1).step()
+    for c, w, p0, g in zip(m.scales, m.w, before, grads_p):
+        assert torch.allclose(c * w, p0 - 0.1 * c ** 2 * g, rtol=1e-5, atol=1e-7)
+
+
+def test_reparam_range_is_validated():
+    from metascale.errors import SpecError
+    with pytest.raises(SpecError, match=r"reparam = \[-4.0, 1.0\] is not allowed; expected a pair \[lo, hi\] with -3.0"):
+        from_table(FAMILIES["tabular"][1], {"reparam": [-4.0, 1.0]}, "w")

@@ -113,12 +113,16 @@ class Task:
         index: draw index within the split.
         seed: the task's seed; model init and minibatch order derive from it.
         config: the sampled configuration (JSON-able).
-        kind: ``"regression"`` (MSE, float targets) or ``"classification"`` (cross-entropy,
-            integer targets).
+        kind: ``"regression"`` (MSE, float targets), ``"classification"`` (cross-entropy,
+            integer targets) or ``"sequence"`` (cross-entropy per position: logits
+            ``(N, classes, positions)``, integer targets ``(N, positions)``).
         x_train, y_train: the training pool; :meth:`train_batch` samples from it.
         x_val, y_val: the validation set (disjoint from the training pool).
         build_model: returns the (uninitialised) architecture; :meth:`make_model` seeds it.
         batch_size: inner minibatch size (the whole pool when it is at least the pool size).
+        init_hook: called (under ``torch.no_grad``) on the model right after the seeded init,
+            e.g. to store a reparameterised weight as ``p / c``
+            (:mod:`metascale.tasks.reparam`); ``None``: nothing.
     """
 
     family: str
@@ -133,9 +137,10 @@ class Task:
     y_val: torch.Tensor
     build_model: Callable[[], nn.Module]
     batch_size: int
+    init_hook: Callable[[nn.Module], None] | None = None
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The task's true loss: MSE for regression, cross-entropy for classification."""
+        """The task's true loss: MSE for regression, cross-entropy otherwise."""
         return mse(pred, target) if self.kind == "regression" else cross_entropy(pred, target)
 
     def make_model(self, init_seed: int | None = None, device: torch.device | str | None = None,
@@ -146,6 +151,9 @@ class Task:
         """
         model = self.build_model()
         seeded_init_(model, generator(mix_seed(self.seed, 0xC0FFEE) if init_seed is None else init_seed))
+        if self.init_hook is not None:
+            with torch.no_grad():
+                self.init_hook(model)
         return model.to(device=device, dtype=dtype or torch.get_default_dtype())
 
     def train_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:

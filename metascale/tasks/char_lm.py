@@ -32,6 +32,7 @@ import torch
 
 from ..config import check
 from .base import generator, randint
+from . import reparam
 from .nets import CausalTransformer
 from .realdata import _ints
 
@@ -70,6 +71,8 @@ class CharLMConfig:
         layers: transformer blocks (range).
         heads: attention heads.
         n_train, n_val: windows in the training pool and the validation set.
+        reparam: ``[lo, hi]`` of ``log10 c`` for the weight reparameterisation
+            augmentation (:mod:`metascale.tasks.reparam`); ``[0, 0]``: none.
     """
 
     seq_len: int = dataclasses.field(default=32, metadata=check("int", 2, 1024))
@@ -78,6 +81,7 @@ class CharLMConfig:
     heads: int = dataclasses.field(default=2, metadata=check("int", 1, 64))
     n_train: int = dataclasses.field(default=2000, metadata=check("int", 1, 1_000_000))
     n_val: int = dataclasses.field(default=128, metadata=check("int", 1, 100_000))
+    reparam: tuple = dataclasses.field(default=(0.0, 0.0), metadata=check("interval", -3.0, 3.0))
 
     def validate(self) -> None:
         """Integer ranges; widths divisible by the head count."""
@@ -104,7 +108,7 @@ class CharLMFamily:
         lo, hi = _ints(c.d_model)
         d = c.heads * randint(g, -(-lo // c.heads), hi // c.heads)
         return {"split": split, "corpus_sha256": load(split)[1], "d_model": d, "layers": randint(g, *_ints(c.layers)),
-                "data_seed": randint(g, 0, 2**31 - 1)}
+                "data_seed": randint(g, 0, 2**31 - 1), **reparam.sample_seed(c.reparam, g)}
 
     def build(self, config: dict, g: torch.Generator, batch_size: int) -> dict:
         """Cut the draw's windows; the model is ``CausalTransformer(97, seq_len, d_model, layers, heads)``."""
@@ -121,7 +125,7 @@ class CharLMFamily:
             return ids[starts[:, None] + torch.arange(w)]
 
         tr, va = windows(0, cut, c.n_train), windows(cut, ids.numel(), c.n_val)
+        build, hook = reparam.wrap(lambda: CausalTransformer(VOCAB, c.seq_len, config["d_model"], config["layers"],
+                                                             c.heads), c.reparam, config.get("reparam_seed"))
         return dict(kind="sequence", x_train=tr[:, :-1].contiguous(), y_train=tr[:, 1:].contiguous(),
-                    x_val=va[:, :-1].contiguous(), y_val=va[:, 1:].contiguous(),
-                    build_model=lambda: CausalTransformer(VOCAB, c.seq_len, config["d_model"], config["layers"],
-                                                          c.heads))
+                    x_val=va[:, :-1].contiguous(), y_val=va[:, 1:].contiguous(), build_model=build, init_hook=hook)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .nets import classifier
+from . import reparam
 from .realdata import ClassifierFields, draw_rows, require, sample_classifier
 
 _SALT = 0x1D1D
@@ -70,6 +71,7 @@ class Mnist1DFamily:
         c = self.cfg
         x, y = load()
         tr, va = draw_rows(x.shape[0], _SALT, config["split"], config["data_seed"], c.n_train, c.n_val)
+        build, hook = reparam.wrap(lambda: classifier(config["model"], (LENGTH,), 10, config["width"], config["depth"],
+                                                      c.activation), c.reparam, config.get("reparam_seed"))
         return dict(kind="classification", x_train=x[tr], y_train=y[tr], x_val=x[va], y_val=y[va],
-                    build_model=lambda: classifier(config["model"], (LENGTH,), 10, config["width"], config["depth"],
-                                                   c.activation))
+                    build_model=build, init_hook=hook)

@@ -23,6 +23,7 @@ import torch
 from ..config import check
 from ..errors import MissingExtraError
 from .base import ACTIVATIONS, generator, mix_seed, randint
+from . import reparam
 from .nets import MODELS
 
 EXTRA_HINT = "pip install 'metascale[data]' (or bash scripts/setup.sh, which installs it)"
@@ -68,6 +69,8 @@ class ClassifierFields:
         depth: hidden layers (MLP), residual blocks, convolutions or stacked GRU layers.
         activation: nonlinearity (not used by the GRU).
         n_train, n_val: training-pool and validation-set sizes of one draw.
+        reparam: ``[lo, hi]`` of ``log10 c`` for the weight reparameterisation
+            augmentation (:mod:`metascale.tasks.reparam`); ``[0, 0]``: none.
     """
 
     models: tuple = dataclasses.field(default=("mlp",), metadata=check("str_list", choices=MODELS))
@@ -76,6 +79,7 @@ class ClassifierFields:
     activation: str = dataclasses.field(default="relu", metadata=check("str", choices=tuple(ACTIVATIONS)))
     n_train: int = dataclasses.field(default=1000, metadata=check("int", 1, 100_000))
     n_val: int = dataclasses.field(default=500, metadata=check("int", 1, 100_000))
+    reparam: tuple = dataclasses.field(default=(0.0, 0.0), metadata=check("interval", -3.0, 3.0))
 
     def validate(self) -> None:
         """Integer ranges must hold integers."""
@@ -86,7 +90,9 @@ class ClassifierFields:
 
 
 def sample_classifier(cfg: ClassifierFields, g: torch.Generator, split: str) -> dict:
-    """The shared part of a classification config: split, model, width, depth, data seed."""
+    """The shared part of a classification config: split, model, width, depth, data seed (and
+    the reparameterisation seed when ``cfg.reparam`` is not ``[0, 0]``)."""
     model = cfg.models[randint(g, 0, len(cfg.models) - 1)]
     return {"split": split, "model": model, "width": randint(g, *_ints(cfg.width)),
-            "depth": randint(g, *_ints(cfg.depth)), "data_seed": randint(g, 0, 2**31 - 1)}
+            "depth": randint(g, *_ints(cfg.depth)), "data_seed": randint(g, 0, 2**31 - 1),
+            **reparam.sample_seed(cfg.reparam, g)}

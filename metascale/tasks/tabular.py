@@ -19,6 +19,7 @@ import torch
 
 from ..config import check
 from .base import ACTIVATIONS, randint
+from . import reparam
 from .nets import classifier
 from .realdata import _ints, draw_rows, require, split_rows
 
@@ -36,6 +37,8 @@ class TabularConfig:
         width, depth: hidden width and hidden layers (MLP) / residual blocks.
         activation: nonlinearity.
         val_fraction: share of the draw's half that is held out for validation.
+        reparam: ``[lo, hi]`` of ``log10 c`` for the weight reparameterisation
+            augmentation (:mod:`metascale.tasks.reparam`); ``[0, 0]``: none.
     """
 
     datasets: tuple = dataclasses.field(default=DATASETS, metadata=check("str_list", choices=DATASETS))
@@ -44,6 +47,7 @@ class TabularConfig:
     depth: tuple = dataclasses.field(default=(1, 2), metadata=check("interval", 1, 64))
     activation: str = dataclasses.field(default="relu", metadata=check("str", choices=tuple(ACTIVATIONS)))
     val_fraction: float = dataclasses.field(default=0.3, metadata=check("float", 0.05, 0.95))
+    reparam: tuple = dataclasses.field(default=(0.0, 0.0), metadata=check("interval", -3.0, 3.0))
 
     def validate(self) -> None:
         """Integer ranges must hold integers."""
@@ -79,7 +83,8 @@ class TabularFamily:
         c = self.cfg
         return {"split": split, "dataset": c.datasets[randint(g, 0, len(c.datasets) - 1)],
                 "model": c.models[randint(g, 0, len(c.models) - 1)], "width": randint(g, *_ints(c.width)),
-                "depth": randint(g, *_ints(c.depth)), "data_seed": randint(g, 0, 2**31 - 1)}
+                "depth": randint(g, *_ints(c.depth)), "data_seed": randint(g, 0, 2**31 - 1),
+                **reparam.sample_seed(c.reparam, g)}
 
     def build(self, config: dict, g: torch.Generator, batch_size: int) -> dict:
         """Standardised features of the draw's rows; labels as the data set gives them."""
@@ -92,6 +97,8 @@ class TabularFamily:
         sd = torch.where(sd > 0, sd, torch.ones_like(sd))
         xs = ((x - mu) / sd).float()
         n_classes = int(y.max()) + 1
+        build, hook = reparam.wrap(lambda: classifier(config["model"], (x.shape[1],), n_classes, config["width"],
+                                                      config["depth"], self.cfg.activation),
+                                   self.cfg.reparam, config.get("reparam_seed"))
         return dict(kind="classification", x_train=xs[tr], y_train=y[tr], x_val=xs[va], y_val=y[va],
-                    build_model=lambda: classifier(config["model"], (x.shape[1],), n_classes, config["width"],
-                                                   config["depth"], self.cfg.activation))
+                    build_model=build, init_hook=hook)
