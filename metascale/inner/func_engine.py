@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.utils import parametrize
 
 from ..optim import GroupState, GroupView, group_parameters, rule_for
 from ..tasks.base import Task
@@ -55,6 +56,41 @@ class InnerState:
     def buffers(self, name: str = "momentum_buffer") -> list[torch.Tensor | None]:
         """The per-parameter buffer ``name`` of every group, concatenated in group order."""
         return [b for g in self.groups or [] for b in g.buffers.get(name, [])]
+
+
+class _Forward:
+    """``model`` as a function of a list of parameters (``model.parameters()`` order).
+
+    For plain modules the tensors are put straight into every owner's parameter table (tied
+    weights included) before the call, and the originals restored by :meth:`restore`: a
+    fraction of the cost of ``torch.func.functional_call``, which walks the module tree on every
+    call. Models with parametrizations take ``functional_call``."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.names = [n for n, _ in model.named_parameters()]
+        self.slots = None
+        if not any(parametrize.is_parametrized(m) for m in model.modules()):
+            owners: dict[int, list] = {}
+            for mod in model.modules():
+                for name, q in mod._parameters.items():
+                    if q is not None:
+                        owners.setdefault(id(q), []).append((mod, name, q))
+            self.slots = [owners[id(q)] for q in model.parameters()]
+
+    def __call__(self, params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        if self.slots is None:
+            return functional_call(self.model, dict(zip(self.names, params)), (x,))
+        for slots, p in zip(self.slots, params):
+            for mod, name, _ in slots:
+                mod._parameters[name] = p
+        return self.model(x)
+
+    def restore(self) -> None:
+        """Put the model's own parameters back."""
+        for slots in self.slots or []:
+            for mod, name, q in slots:
+                mod._parameters[name] = q
 
 
 @dataclasses.dataclass
@@ -110,7 +146,6 @@ def unroll_func(task: Task, meta: dict[str, torch.Tensor], rule: Any, steps: int
         model = built if model is None else model
     elif model is None:
         model = task.make_model(device=device, dtype=dtype)
-    names = [n for n, _ in model.named_parameters()]
     where = {id(p): i for i, p in enumerate(model.parameters())}
     grouped = group_parameters(model.parameters())
     index = [[where[id(p)] for p in ps] for _, ps in grouped]
@@ -121,13 +156,21 @@ def unroll_func(task: Task, meta: dict[str, torch.Tensor], rule: Any, steps: int
         else [GroupState(state.step) for _ in index]
     total = steps if total_steps is None else total_steps
 
-    def forward(ps: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        return functional_call(model, dict(zip(names, ps)), (x,))
+    forward = _Forward(model)
+    try:
+        return _unroll(task, the_rule, bound, index, groups, params, forward, state.step, steps, total, objective,
+                       create_graph, train_loss)
+    finally:
+        forward.restore()
 
+
+def _unroll(task, rule, bound, index, groups, params, forward, start, steps, total, objective, create_graph,
+            train_loss) -> FuncUnrollResult:
+    """The loop of :func:`unroll_func` (``forward`` a :class:`_Forward` of the skeleton model)."""
     with torch.no_grad():
         trace = [float(task.loss(forward(params, task.x_val), task.y_val))]
     val_losses = []
-    for t in range(state.step, state.step + steps):
+    for t in range(start, start + steps):
         x, y = task.train_batch(t)
         with torch.enable_grad():
             params = [p if p.requires_grad else p.detach().requires_grad_() for p in params]
@@ -136,7 +179,7 @@ def unroll_func(task: Task, meta: dict[str, torch.Tensor], rule: Any, steps: int
             grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
         views = [GroupView(k, [params[i] for i in idx], [grads[i] for i in idx], groups[k])
                  for k, idx in enumerate(index) if any(grads[i] is not None for i in idx)]
-        for view, up in zip(views, the_rule.step(bound, views, total_steps=total, inplace=False)):
+        for view, up in zip(views, rule.step(bound, views, total_steps=total, inplace=False)):
             for i, p in zip(index[view.index], up.params):
                 params[i] = p
             groups[view.index] = up.state
@@ -144,6 +187,6 @@ def unroll_func(task: Task, meta: dict[str, torch.Tensor], rule: Any, steps: int
         val_losses.append(val)
         v = float(val.detach())
         trace.append(v if math.isfinite(v) else math.inf)
-    groups = [the_rule.leave(bound, g, k) for k, g in enumerate(groups)]
+    groups = [rule.leave(bound, g, k) for k, g in enumerate(groups)]
     return FuncUnrollResult(meta_loss=meta_objective(val_losses, objective), val_losses=trace,
-                            state=InnerState(params, groups, state.step + steps))
+                            state=InnerState(params, groups, start + steps))

@@ -85,6 +85,17 @@ def group_schedules(meta: dict[str, torch.Tensor], info: GroupInfo, names: Seque
     return tuple(torch.exp(torch.einsum("b,bs->s", w, meta[k][r])) for k in names)
 
 
+def batched_schedules(meta: dict[str, torch.Tensor], infos: Sequence[GroupInfo], names: Sequence[str] = META_NAMES,
+                      ) -> tuple[torch.Tensor, ...]:
+    """:func:`group_schedules` of every group at once: one ``(G, S)`` tensor per name (the
+    differentiable path, where per-group small ops would dominate a tiny model's step)."""
+    first = meta[names[0]]
+    w = torch.tensor([anchor_weights(i.depth, first.shape[1]) for i in infos], dtype=first.dtype,
+                     device=first.device)
+    roles = torch.tensor([ROLES.index(i.role) for i in infos], device=first.device)
+    return tuple(torch.exp((w[:, :, None] * meta[k][roles]).sum(1)) for k in names)
+
+
 def schedule_shapes(per_step: bool, depth_bins: int, horizon: int, names: Sequence[str] = META_NAMES,
                     ) -> dict[str, tuple[int, int, int]]:
     """``(roles, depth_bins, S)`` for every name, ``S = horizon`` if ``per_step`` else 1."""
@@ -172,14 +183,14 @@ class LayerwiseRule(Rule):
             meta = {k: v.detach().double().cpu() for k, v in meta.items()}
             scheds = [tuple(tuple(x.tolist()) for x in group_schedules(meta, i)) for i in infos]
             return _Bound(config, scheds, [None] * len(infos))
+        eta, scale = batched_schedules(meta, infos)
         scheds, folded = [], []
-        for info in infos:
-            eta, scale = group_schedules(meta, info)
-            if config.momentum == 0 or len(scale) == 1:
-                scheds.append((eta * scale, (1.0,)))
-                folded.append(scale[0] if config.momentum != 0 else None)
+        for e, sc in zip(eta.unbind(), scale.unbind()):  # per group: tuples of 0-dim tensors, indexed per step for free
+            if config.momentum == 0 or sc.shape[0] == 1:
+                scheds.append(((e * sc).unbind(), (1.0,)))
+                folded.append(sc[0] if config.momentum != 0 else None)
             else:
-                scheds.append((eta, scale))
+                scheds.append((e.unbind(), sc.unbind()))
                 folded.append(None)
         return _Bound(config, scheds, folded)
 

@@ -32,7 +32,7 @@ import torch
 
 from ..config import check
 from .kernels import adam, adam_
-from .layerwise import at, group_schedules, learned_schedules, overflow, schedule_lines, schedule_shapes
+from .layerwise import at, batched_schedules, group_schedules, learned_schedules, overflow, schedule_lines, schedule_shapes
 from .rule import GroupState, GroupUpdate, GroupView, Rule
 
 
@@ -91,8 +91,9 @@ class LayerwiseAdamRule(Rule):
 
     def bind(self, meta, config, infos, *, differentiable):
         """The ``(eta, s)`` schedules of every group: float tuples frozen, tensors otherwise."""
-        if differentiable:
-            return config, [group_schedules(meta, i) for i in infos]
+        if differentiable:  # tuples of 0-dim tensors: indexed per step without an op
+            eta, scale = batched_schedules(meta, infos)
+            return config, [(e.unbind(), sc.unbind()) for e, sc in zip(eta.unbind(), scale.unbind())]
         meta = {k: v.detach().double().cpu() for k, v in meta.items()}
         return config, [tuple(tuple(x.tolist()) for x in group_schedules(meta, i)) for i in infos]
 
