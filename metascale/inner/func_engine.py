@@ -25,11 +25,10 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.func import functional_call
-from torch.nn.utils import parametrize
 
 from ..optim import GroupState, GroupView, group_parameters, rule_for
 from ..tasks.base import Task
+from .functional import ModelFunction
 from .higher_engine import UnrollResult, meta_objective
 
 
@@ -56,41 +55,6 @@ class InnerState:
     def buffers(self, name: str = "momentum_buffer") -> list[torch.Tensor | None]:
         """The per-parameter buffer ``name`` of every group, concatenated in group order."""
         return [b for g in self.groups or [] for b in g.buffers.get(name, [])]
-
-
-class _Forward:
-    """``model`` as a function of a list of parameters (``model.parameters()`` order).
-
-    For plain modules the tensors are put straight into every owner's parameter table (tied
-    weights included) before the call, and the originals restored by :meth:`restore`: a
-    fraction of the cost of ``torch.func.functional_call``, which walks the module tree on every
-    call. Models with parametrizations take ``functional_call``."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.names = [n for n, _ in model.named_parameters()]
-        self.slots = None
-        if not any(parametrize.is_parametrized(m) for m in model.modules()):
-            owners: dict[int, list] = {}
-            for mod in model.modules():
-                for name, q in mod._parameters.items():
-                    if q is not None:
-                        owners.setdefault(id(q), []).append((mod, name, q))
-            self.slots = [owners[id(q)] for q in model.parameters()]
-
-    def __call__(self, params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        if self.slots is None:
-            return functional_call(self.model, dict(zip(self.names, params)), (x,))
-        for slots, p in zip(self.slots, params):
-            for mod, name, _ in slots:
-                mod._parameters[name] = p
-        return self.model(x)
-
-    def restore(self) -> None:
-        """Put the model's own parameters back."""
-        for slots in self.slots or []:
-            for mod, name, q in slots:
-                mod._parameters[name] = q
 
 
 @dataclasses.dataclass
@@ -156,7 +120,7 @@ def unroll_func(task: Task, meta: dict[str, torch.Tensor], rule: Any, steps: int
         else [GroupState(state.step) for _ in index]
     total = steps if total_steps is None else total_steps
 
-    forward = _Forward(model)
+    forward = ModelFunction(model)
     try:
         return _unroll(task, the_rule, bound, index, groups, params, forward, state.step, steps, total, objective,
                        create_graph, train_loss)
@@ -166,7 +130,7 @@ def unroll_func(task: Task, meta: dict[str, torch.Tensor], rule: Any, steps: int
 
 def _unroll(task, rule, bound, index, groups, params, forward, start, steps, total, objective, create_graph,
             train_loss) -> FuncUnrollResult:
-    """The loop of :func:`unroll_func` (``forward`` a :class:`_Forward` of the skeleton model)."""
+    """The loop of :func:`unroll_func` (``forward``: the skeleton model as a function)."""
     with torch.no_grad():
         trace = [float(task.loss(forward(params, task.x_val), task.y_val))]
     val_losses = []

@@ -1,15 +1,19 @@
 r"""The ``higher`` engine: K differentiable steps of the learnable optimizer on one task.
 
-The model's parameter groups are handed to ``higher.innerloop_ctx`` with one generic
-differentiable optimizer, :class:`DifferentiableLearned`, which calls the rule's pure step
-(:meth:`metascale.optim.Rule.step`) out of place with what the rule bound from the
-meta-parameters, so the inner updates are differentiable functions of them. The meta-loss is
+The model's parameter groups are handed to ``higher`` (``higher.optim.get_diff_optim``) with
+one generic differentiable optimizer, :class:`DifferentiableLearned`, which calls the rule's
+pure step (:meth:`metascale.optim.Rule.step`) out of place with what the rule bound from the
+meta-parameters, so the inner updates are differentiable functions of them. ``higher``
+computes each inner gradient and keeps the fast weights; the model runs on them as a function
+(:class:`~metascale.inner.functional.ModelFunction`, the same as the ``torch.func`` engine)
+rather than through ``higher``'s patched copy of the module, which costs more than the
+update on small models (docs/benchmarks.md). The meta-loss is
 computed from the validation losses ``L_1..L_K`` of the true task loss after each inner step
 (:func:`meta_objective`); a learned loss (if any) never enters it.
 
-Buffers (e.g. BatchNorm running statistics) are not written back from the patched model
-(higher #103): the inner loop uses the buffers of the freshly built model as they are; the
-shipped task families have none.
+Buffers (e.g. BatchNorm running statistics) are the freshly built model's own: its forward
+updates them in place as in ordinary training, and they carry no gradient (``higher``'s
+patched module would not write them back at all, higher #103).
 """
 from __future__ import annotations
 
@@ -21,9 +25,10 @@ import higher
 import torch
 
 from ..optim import GroupView, group_parameters, rule_for
-from ..optim.rule import read_group_state, write_group_state
+from ..optim.rule import read_group_state
 from ..spec import ENGINES, OBJECTIVES, InnerConfig
 from ..tasks.base import Task
+from .functional import ModelFunction
 
 __all__ = ["ENGINES", "OBJECTIVES", "InnerConfig", "DifferentiableLearned", "UnrollResult", "differentiable_optimizer",
            "meta_objective", "unroll"]
@@ -49,18 +54,19 @@ class DifferentiableLearned(higher.optim.DifferentiableOptimizer):
     def _update(self, grouped_grads, **kwargs) -> None:
         groups = self.param_groups
         rule, bound, total = groups[0]["rule"], groups[0]["bound"], groups[0]["total_steps"]
-        views, states = [], []
-        for k, (group, grads) in enumerate(zip(groups, grouped_grads)):
-            if all(g is None for g in grads):
-                continue
-            sts = [self.state[k][i] for i in range(len(group["params"]))]
-            views.append(GroupView(k, list(group["params"]), list(grads), read_group_state(rule, sts)))
-            states.append(sts)
+        states = self.__dict__.get("_group_states")
+        if states is None:  # the state higher copied from the torch.optim layout, read once
+            states = self._group_states = [
+                read_group_state(rule, [self.state[k][i] for i in range(len(g["params"]))])
+                for k, g in enumerate(groups)]
+        views = [GroupView(k, group["params"], list(grads), states[k])
+                 for k, (group, grads) in enumerate(zip(groups, grouped_grads))
+                 if any(g is not None for g in grads)]
         if not views:
             return
-        for view, sts, up in zip(views, states, rule.step(bound, views, total_steps=total, inplace=False)):
+        for view, up in zip(views, rule.step(bound, views, total_steps=total, inplace=False)):
             groups[view.index]["params"] = up.params
-            write_group_state(rule, sts, up.state)
+            states[view.index] = up.state
 
 
 higher.register_optim(_Groups, DifferentiableLearned)
@@ -127,18 +133,23 @@ def unroll(task: Task, meta: dict[str, torch.Tensor], rule: Any, steps: int, *,
     task = task.to(device=device, dtype=dtype)
     model = task.make_model(device=device, dtype=dtype)
     opt, override = differentiable_optimizer(model.parameters(), meta, rule, steps)
-    val_losses, trace = [], []
-    with higher.innerloop_ctx(model, opt, override=override, copy_initial_weights=True,
-                              track_higher_grads=track_higher_grads) as (fmodel, diffopt):
+    diffopt = higher.optim.get_diff_optim(opt, model.parameters(), override=override,
+                                          track_higher_grads=track_higher_grads)
+    forward = ModelFunction(model)
+    try:  # the initial weights are copies (higher's copy_initial_weights): no gradient to the model's init
+        params = [p.detach().clone().requires_grad_() for p in model.parameters()]
+        val_losses, trace = [], []
         with torch.no_grad():
-            trace.append(float(task.loss(fmodel(task.x_val), task.y_val)))
+            trace.append(float(task.loss(forward(params, task.x_val), task.y_val)))
         for t in range(steps):
             x, y = task.train_batch(t)
-            pred = fmodel(x)
-            diffopt.step(task.loss(pred, y) if train_loss is None else train_loss(pred, y, t / steps))
-            val = task.loss(fmodel(task.x_val), task.y_val)
+            pred = forward(params, x)
+            params = diffopt.step(task.loss(pred, y) if train_loss is None else train_loss(pred, y, t / steps),
+                                  params=params)
+            val = task.loss(forward(params, task.x_val), task.y_val)
             val_losses.append(val)
             v = float(val.detach())
             trace.append(v if math.isfinite(v) else math.inf)
-        loss = meta_objective(val_losses, objective)
-    return UnrollResult(meta_loss=loss, val_losses=trace)
+    finally:
+        forward.restore()
+    return UnrollResult(meta_loss=meta_objective(val_losses, objective), val_losses=trace)

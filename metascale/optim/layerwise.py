@@ -124,10 +124,14 @@ def learned_schedules(meta: dict[str, torch.Tensor]) -> dict:
 
 
 def overflow(meta: dict[str, torch.Tensor], names: Sequence[str] = META_NAMES) -> str | None:
-    """The first name whose ``exp`` is not finite, as a message (``None``: all finite)."""
+    """The first name whose ``exp`` is not finite, as a message (``None``: all finite); also the
+    effective step ``exp(log_step_size + log_scale)`` (each factor finite, their product not:
+    ``p - inf * g`` is NaN on the first step)."""
     for k in names:
         if not torch.isfinite(torch.exp(meta[k].float())).all():  # as a float32 factor
             return f"exp({k}) overflows"
+    if len(names) == 2 and not torch.isfinite(torch.exp(meta[names[0]].double() + meta[names[1]].double()).float()).all():
+        return f"the effective step exp({names[0]} + {names[1]}) overflows float32"
     return None
 
 
@@ -218,19 +222,24 @@ def heavy_ball_group(view: GroupView, step_size, scale, momentum: float, nestero
     """The heavy-ball kernel on one group's parameters that have a gradient, at step size
     ``view.lr * step_size`` and gradient scale ``scale``; the step count advances by one."""
     eta = step_size if isinstance(view.lr, float) and view.lr == 1.0 else view.lr * step_size
-    live = [i for i, g in enumerate(view.grads) if g is not None]
-    bufs = list(view.state.buffers.get("momentum_buffer") or [None] * len(view.params))
-    ps, gs, bs = [view.params[i] for i in live], [view.grads[i] for i in live], [bufs[i] for i in live]
+    bufs = view.state.buffers.get("momentum_buffer") or [None] * len(view.params)
+    complete = all(g is not None for g in view.grads)
+    live = range(len(view.params)) if complete else [i for i, g in enumerate(view.grads) if g is not None]
+    ps, gs, bs = ((view.params, view.grads, bufs) if complete else
+                  ([view.params[i] for i in live], [view.grads[i] for i in live], [bufs[i] for i in live]))
     if inplace:
         new_b = heavy_ball_(ps, gs, bs, lr=float(eta), momentum=momentum, scale=float(scale), nesterov=nesterov,
                             foreach=view.foreach, fused=True)
-        new_p = list(view.params)
+        new_p = view.params
     else:
         live_p, new_b = heavy_ball(ps, gs, bs, lr=eta, momentum=momentum, scale=scale, nesterov=nesterov)
-        new_p = list(view.params)
-        for i, p in zip(live, live_p):
-            new_p[i] = p
-    for i, b in zip(live, new_b):
-        bufs[i] = b
-    state = GroupState(view.state.step + 1, {"momentum_buffer": bufs} if momentum != 0 else {}, {})
-    return GroupUpdate(new_p, state, eta, scale)
+        new_p = live_p if complete else list(view.params)
+        if not complete:
+            for i, p in zip(live, live_p):
+                new_p[i] = p
+    if momentum != 0 and not complete:
+        new_b, kept = list(bufs), new_b
+        for i, b in zip(live, kept):
+            new_b[i] = b
+    state = GroupState(view.state.step + 1, {"momentum_buffer": list(new_b)} if momentum != 0 else {}, {})
+    return GroupUpdate(list(new_p), state, eta, scale)
