@@ -259,7 +259,8 @@ class MetaTrainer:
     def _task_row(self, task, meta, rule, loss_fn, params):
         """``[finite, meta-loss, flat meta-gradient]`` of one task (float64 row; zeros when the
         meta-loss or its gradient is not finite, so the task is skipped). With ``params=None``
-        only the meta-loss, a float (``None`` if not finite), with no meta-gradient."""
+        only the meta-loss, a float (``None`` if not finite), with no meta-gradient: the unroll
+        then builds no second-order graph (the same values)."""
         inner = self.spec.inner
         n = 0 if params is None else sum(v.numel() for v in params)
         bad = None if params is None else torch.zeros(2 + n, dtype=torch.float64, device=self.device)
@@ -267,10 +268,11 @@ class MetaTrainer:
         for _ in range(inner.windows):
             if inner.engine == "higher" and inner.windows == 1:
                 res = unroll(task, meta, rule, inner.steps, objective=inner.objective, device=self.device,
-                             train_loss=loss_fn)
+                             train_loss=loss_fn, track_higher_grads=params is not None)
             else:  # func engine; windows > 1 carry the inner state, detached: the truncation point
                 res = unroll_func(task, meta, rule, inner.steps, objective=inner.objective, device=self.device,
-                                  train_loss=loss_fn, state=state, total_steps=inner.horizon)
+                                  train_loss=loss_fn, state=state, total_steps=inner.horizon,
+                                  create_graph=params is not None)
                 state = res.state.detach()
             if not torch.isfinite(res.meta_loss):
                 return bad
