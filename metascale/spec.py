@@ -35,6 +35,10 @@ LEARN = ("optimizer", "loss", "both")
 BASELINE_NAMES = ("sgd", "sgd_momentum", "adam", "adafactor", "prodigy", "schedulefree_adamw")
 """Names of the tuned baselines (their factories: :data:`metascale.evaluate.BASELINES`)."""
 DEFAULT_BASELINES = ("sgd", "sgd_momentum", "adam")
+MAX_HORIZON = 100_000
+"""The largest meta-training horizon ``windows * steps`` (also the largest ``horizon`` an exported
+file may declare): the layer-wise rule's per-step schedules hold ``4 * depth_bins`` numbers per
+step, and an unroll keeps every step's state."""
 EXTERNAL = "external"
 """``[family] name`` of tasks drawn outside metascale (:mod:`metascale.interop`): the family
 table is a JSON record of where they came from, kept as it is; such a spec draws no tasks itself."""
@@ -59,6 +63,13 @@ class InnerConfig:
     objective: str = dataclasses.field(default="log_mean", metadata=check("str", choices=OBJECTIVES))
     engine: str = dataclasses.field(default="higher", metadata=check("str", choices=ENGINES))
     windows: int = dataclasses.field(default=1, metadata=check("int", 1, 1_000_000))
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for a horizon past :data:`MAX_HORIZON` (per-step meta-parameters,
+        schedules and trajectories grow with it)."""
+        if self.windows * self.steps > MAX_HORIZON:
+            raise ValueError(f"windows * steps = {self.windows} * {self.steps} = {self.windows * self.steps} inner "
+                             f"steps; at most {MAX_HORIZON}")
 
     @property
     def horizon(self) -> int:

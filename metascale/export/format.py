@@ -39,13 +39,13 @@ from ..config import from_table, to_dict
 from ..errors import ExportFormatError, SpecError
 from ..optim import MAPPING_RULE, RULES, LearnedOptimizer, rule_for
 from ..safeio import clip_text, read_safetensors
+from ..spec import MAX_HORIZON
 
 FORMAT = "metascale.optimizer"
 FORMAT_VERSION = "2"
 READS = ("1", "2")
 _KEYS = {"1": ("format", "format_version", "rule", "rule_config", "group_mapping", "spec", "summary"),
          "2": ("format", "format_version", "rule", "rule_config", "horizon", "group_mapping", "spec", "summary")}
-MAX_HORIZON = 10_000_000
 
 
 @dataclasses.dataclass

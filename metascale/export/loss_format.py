@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from ..config import from_table, to_dict
 from ..errors import ExportFormatError, SpecError
 from ..losses import LossConfig, make_loss
-from ..safeio import read_header, read_safetensors
+from ..safeio import clip_text, read_header, read_safetensors
 
 LOSS_FORMAT = "metascale.loss"
 LOSS_FORMAT_VERSION = "1"
@@ -61,30 +61,40 @@ def read_loss(path: str | Path) -> ExportedLoss:
         ExportFormatError: for anything but a well-formed loss file of this format version.
     """
     path = Path(path)
-    meta, tensors = read_safetensors(path, LOSS_FORMAT, LOSS_FORMAT_VERSION)
-    if sorted(meta) != sorted(_KEYS):
-        raise ExportFormatError(f"{path}: metadata keys {sorted(meta)}; expected {sorted(_KEYS)}")
-    try:
-        parsed = {k: json.loads(meta[k]) for k in ("loss_config", "spec", "summary")}
-    except (ValueError, RecursionError):  # JSONDecodeError, over-long integers, too deep nesting
-        raise ExportFormatError(f"{path}: metadata is not valid JSON (file tampered with?)") from None
-    if not all(isinstance(v, dict) for v in parsed.values()):
-        raise ExportFormatError(f"{path}: metadata values must be JSON objects")
-    try:
-        # files written before LossConfig.scale_free existed were trained on raw values
-        config = from_table(LossConfig, {"scale_free": False, **parsed["loss_config"]}, "loss_config")
-    except SpecError as e:
-        raise ExportFormatError(f"{path}: invalid {e}") from None
-    if meta["task_kind"] not in ("regression", "classification"):
-        raise ExportFormatError(f"{path}: task_kind {meta['task_kind']!r}; expected regression or classification")
-    module = make_loss(meta["task_kind"], config)
-    expected = {k: v.shape for k, v in module.state_dict().items()}
-    got = {k: t.shape for k, t in tensors.items()}
-    if got != expected:
-        raise ExportFormatError(f"{path}: tensors {sorted((k, tuple(s)) for k, s in got.items())}; expected "
-                                f"{sorted((k, tuple(s)) for k, s in expected.items())}")
+    found = {}
+
+    def check(meta, declared):  # the metadata and the declared tensors, before any tensor is read
+        if sorted(meta) != sorted(_KEYS):
+            raise ExportFormatError(f"{path}: metadata keys {clip_text(sorted(meta), 120)}; expected {sorted(_KEYS)}")
+        try:
+            parsed = {k: json.loads(meta[k]) for k in ("loss_config", "spec", "summary")}
+        except (ValueError, RecursionError):  # JSONDecodeError, over-long integers, too deep nesting
+            raise ExportFormatError(f"{path}: metadata is not valid JSON (file tampered with?)") from None
+        if not all(isinstance(v, dict) for v in parsed.values()):
+            raise ExportFormatError(f"{path}: metadata values must be JSON objects")
+        try:
+            # files written before LossConfig.scale_free existed were trained on raw values
+            config = from_table(LossConfig, {"scale_free": False, **parsed["loss_config"]}, "loss_config")
+        except SpecError as e:
+            raise ExportFormatError(clip_text(f"{path}: invalid {e}", 300)) from None
+        if meta["task_kind"] not in ("regression", "classification"):
+            raise ExportFormatError(f"{path}: task_kind {clip_text(repr(meta['task_kind']), 40)}; expected "
+                                    "regression or classification")
+        module = make_loss(meta["task_kind"], config)
+        expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        got = {k: shape for k, (_, shape) in declared.items()}
+        if got != expected:
+            raise ExportFormatError(f"{path}: tensors {clip_text(sorted(got.items()), 160)}; expected "
+                                    f"{sorted(expected.items())}")
+        bad = [k for k, (dtype, _) in declared.items() if dtype != torch.float32]
+        if bad:
+            raise ExportFormatError(f"{path}: tensor {bad[0]!r} must be finite float32")
+        found.update(parsed=parsed, config=config, module=module)
+
+    meta, tensors = read_safetensors(path, LOSS_FORMAT, LOSS_FORMAT_VERSION, check=check)
+    parsed, config, module = found["parsed"], found["config"], found["module"]
     for k, t in tensors.items():
-        if t.dtype != torch.float32 or not torch.isfinite(t).all():
+        if not torch.isfinite(t).all():
             raise ExportFormatError(f"{path}: tensor {k!r} must be finite float32")
     module.load_state_dict(tensors)
     module.requires_grad_(False).eval()

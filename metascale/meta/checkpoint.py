@@ -49,8 +49,12 @@ seen; on resume the records from the checkpoint's meta-step on are cut off and r
 
 The digest makes a resume either continue exactly the saved state or refuse: a flipped bit
 anywhere in the file is a :class:`~metascale.errors.CheckpointError`, never a silently
-different run. Reading validates everything else as well (names, dtypes, shapes, finiteness,
-the counters' consistency with each other and with the stored spec).
+different run. Reading validates everything else as well: first, from the header alone, the run
+identity and every tensor's name, dtype and shape against what it implies (the rule's
+meta-parameter shapes at the stored spec's horizon, the loss network's, ``history`` of the
+meta-step count), so a file that declares a huge tensor is refused before any is read; then the
+digest (hashed in place, no copy of the tensors), finiteness and the counters' consistency with
+each other and with the stored spec.
 
 **Random state.** Meta-training draws every task, minibatch and model init from explicit
 generators seeded by ``(seed, split, draw)``, so no generator state has to carry over for an
@@ -76,8 +80,10 @@ from safetensors.torch import save as serialise
 
 from ..config import to_dict
 from ..errors import CheckpointError, ExportFormatError, SpecError
-from ..safeio import read_safetensors
-from ..optim import rule_for
+from ..config import from_table
+from ..losses import LossConfig, make_loss
+from ..optim import RULES, rule_for
+from ..safeio import clip_text, read_safetensors
 
 FORMAT = "metascale.checkpoint"
 FORMAT_VERSION = "1"
@@ -253,7 +259,7 @@ def checkpoint_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     shape and bytes, each length-prefixed, in sorted order."""
     h = hashlib.sha256()
 
-    def put(b: bytes) -> None:
+    def put(b) -> None:  # bytes, or a uint8 array hashed in place (no copy of a tensor's bytes)
         h.update(len(b).to_bytes(8, "little"))
         h.update(b)
     for k in sorted(metadata):
@@ -262,7 +268,7 @@ def checkpoint_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         put(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
-        put(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        put(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
@@ -340,6 +346,100 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+MAX_META_STEPS = 10_000_000
+"""The largest meta-step count a checkpoint may hold (the spec's ``[meta] steps`` cap)."""
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _identity_of(meta_str: dict[str, str], path: Path) -> tuple[dict, dict, Any, dict]:
+    """``(run, progress, spec, layout)`` from the metadata alone, validated; ``layout``: the
+    shapes of the meta-parameters and of the loss network (one per task kind) the run implies,
+    what the tensors' declared shapes are checked against before any is read."""
+    missing, extra = [k for k in _KEYS if k not in meta_str], sorted(k for k in meta_str if k not in _KEYS)
+    if missing or extra:
+        raise CheckpointError(clip_text(f"{path}: metadata keys {'missing ' + str(missing) if missing else ''}"
+                                        f"{' unexpected ' + str(extra) if extra else ''}", 300))
+    run, progress = _json_object(meta_str, "run", path), _json_object(meta_str, "progress", path)
+    if sorted(run) != sorted(_RUN_KEYS):
+        raise CheckpointError(clip_text(f"{path}: metadata 'run' has keys {sorted(run)}; expected "
+                                        f"{sorted(_RUN_KEYS)}", 300))
+    if sorted(progress) not in (sorted(_PROGRESS_KEYS), sorted(_PROGRESS_KEYS + _BEST_KEYS)):
+        raise CheckpointError(clip_text(f"{path}: metadata 'progress' has keys {sorted(progress)}; expected "
+                                        f"{sorted(_PROGRESS_KEYS)} (and {list(_BEST_KEYS)} when selecting)", 300))
+    step, skipped, elapsed = progress["step"], progress["skipped"], progress["elapsed_s"]
+    if not (_is_int(step) and step <= MAX_META_STEPS and _is_int(skipped) and _is_num(elapsed) and elapsed >= 0
+            and isinstance(progress["device"], str)):
+        raise CheckpointError(f"{path}: progress {_show(progress)} is not valid")
+    from ..spec import spec_from_dict  # local: the spec module imports the whole pipeline
+    try:
+        spec = spec_from_dict(run["spec"], "spec", f"{path}: stored spec")
+    except SpecError as e:
+        raise CheckpointError(clip_text(f"invalid {e}", 300)) from None
+    learn = run["learn"]
+    if not (_is_int(run["seed"]) and learn in _LEARN and isinstance(run["rule"], str)
+            and isinstance(run["rule_config"], dict)
+            and (run["loss_config"] is None) == (learn == "optimizer")
+            and (run["loss_config"] is None or isinstance(run["loss_config"], dict))
+            and (run["inner_lr"] is None or (_is_num(run["inner_lr"]) and run["inner_lr"] > 0))):
+        raise CheckpointError(f"{path}: run {_show({k: v for k, v in run.items() if k != 'spec'})} is not valid")
+    if run["rule"] not in RULES:
+        raise CheckpointError(f"{path}: run rule {_show(run['rule'])} is not one of {', '.join(RULES)}")
+    rule = RULES[run["rule"]]
+    try:
+        config = from_table(rule.config_type, run["rule_config"], "run.rule_config")
+        loss_config = None if run["loss_config"] is None else from_table(LossConfig, run["loss_config"],
+                                                                        "run.loss_config")
+    except SpecError as e:
+        raise CheckpointError(clip_text(f"{path}: invalid {e}", 300)) from None
+    if not rule.owns(config) or rule.resolve(config, spec.inner.horizon) != config:
+        raise CheckpointError(f"{path}: run rule_config does not fit rule {rule.name!r} at horizon "
+                              f"{spec.inner.horizon}")
+    meta = {f"meta.{k}": tuple(v) for k, v in rule.meta_shapes(config, spec.inner.horizon).items()}
+    losses = [{}] if loss_config is None else [
+        {f"loss.{k}": tuple(v.shape) for k, v in make_loss(kind, loss_config).state_dict().items()}
+        for kind in ("regression", "classification")]
+    return run, progress, spec, {"meta": meta, "loss": losses}
+
+
+def _check_layout(declared: dict, run: dict, progress: dict, spec: Any, layout: dict, path: Path) -> None:
+    """Every declared tensor's name, dtype and shape against what the metadata implies."""
+    meta = layout["meta"]
+    names = {n for n in declared if n.startswith("loss.")}
+    loss = next((lay for lay in layout["loss"] if set(lay) == names), None)
+    if loss is None or set(meta) - set(declared):
+        raise CheckpointError(f"{path}: tensors do not fit learn = {run['learn']!r} and rule {run['rule']!r} "
+                              f"(meta {clip_text(sorted(n for n in declared if n.startswith('meta.')), 80)}, "
+                              f"loss {clip_text(sorted(names), 80)})")
+    params = {**meta, **loss}
+    for name, (dtype, shape) in declared.items():
+        prefix, _, key = name.partition(".")
+        if name == "history":
+            ok, dtypes = shape == (progress["step"],), (torch.float64,)
+        elif prefix == "rng":
+            ok = (key == "torch" and shape == tuple(torch.get_rng_state().shape)) \
+                or (bool(re.fullmatch(r"cuda\.(0|[1-9][0-9]{0,3})", key)) and len(shape) == 1 and shape[0] <= 1024)
+            dtypes = (torch.uint8,)
+        elif prefix in ("meta", "loss"):
+            ok, dtypes = params.get(name) == shape, _FLOATS
+        elif prefix == "best":
+            ok, dtypes = meta.get(f"meta.{key}") == shape, _FLOATS
+        elif prefix == "adam":
+            param, _, part = key.rpartition(".")
+            ok = param in params and part in _ADAM_KEYS and shape == (() if part == "step" else params[param])
+            dtypes = _FLOATS
+        else:
+            raise CheckpointError(f"{path}: unexpected tensor {clip_text(repr(name), 80)}")
+        if not ok:
+            raise CheckpointError(f"{path}: tensor {clip_text(repr(name), 80)} declares shape "
+                                  f"{clip_text(shape, 60)}, which its run ({run['rule']}, horizon "
+                                  f"{spec.inner.horizon}, {progress['step']} meta-steps) does not imply")
+        if dtype not in dtypes:
+            raise CheckpointError(f"{path}: tensor {clip_text(repr(name), 80)} has dtype {dtype}; expected "
+                                  f"{' or '.join(str(d) for d in dtypes)}")
+    if "history" not in declared:
+        raise CheckpointError(f"{path}: tensor 'history' missing")
+
+
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read and validate a checkpoint (see the module docstring for its content).
 
@@ -349,55 +449,28 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint to resume from (no such file)")
+    found: dict[str, Any] = {}
+
+    def check(meta_str: dict[str, str], declared: dict) -> None:  # the header, before any tensor is read
+        found["head"] = _identity_of(meta_str, path)
+        _check_layout(declared, *found["head"], path)
+
     try:
-        meta_str, tensors = read_safetensors(path, FORMAT, FORMAT_VERSION)
+        meta_str, tensors = read_safetensors(path, FORMAT, FORMAT_VERSION, check=check)
     except ExportFormatError as e:
         raise CheckpointError(str(e)) from None
-    missing, extra = [k for k in _KEYS if k not in meta_str], sorted(k for k in meta_str if k not in _KEYS)
-    if missing or extra:
-        raise CheckpointError(f"{path}: metadata keys {'missing ' + str(missing) if missing else ''}"
-                              f"{' unexpected ' + str(extra) if extra else ''}")
+    run, progress, spec, _ = found["head"]
+    step, skipped, elapsed = progress["step"], progress["skipped"], progress["elapsed_s"]
+    learn = run["learn"]
     groups: dict[str, dict[str, torch.Tensor]] = {"meta": {}, "loss": {}, "adam": {}, "rng": {}, "best": {}}
     for name, t in tensors.items():
         prefix, _, key = name.partition(".")
-        if name != "history" and (prefix not in groups or not key):
-            raise CheckpointError(f"{path}: unexpected tensor {name!r}")
-        want = {"history": (torch.float64,), "rng": (torch.uint8,)}.get(
-            "history" if name == "history" else prefix, (torch.float16, torch.bfloat16, torch.float32, torch.float64))
-        if t.dtype not in want:
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {t.dtype}; expected "
-                                  f"{' or '.join(str(d) for d in want)}")
         if name != "history":
             groups[prefix][key] = t
-    if "history" not in tensors:
-        raise CheckpointError(f"{path}: tensor 'history' missing")
     if checkpoint_digest(tensors, meta_str) != meta_str["digest"]:
         raise CheckpointError(f"{path}: contents do not match the stored digest (file corrupted or edited)")
 
     # the digest matched: what follows catches files written by another program, not corruption
-    run, progress = _json_object(meta_str, "run", path), _json_object(meta_str, "progress", path)
-    if sorted(run) != sorted(_RUN_KEYS):
-        raise CheckpointError(f"{path}: metadata 'run' has keys {sorted(run)}; expected {sorted(_RUN_KEYS)}")
-    if sorted(progress) not in (sorted(_PROGRESS_KEYS), sorted(_PROGRESS_KEYS + _BEST_KEYS)):
-        raise CheckpointError(f"{path}: metadata 'progress' has keys {sorted(progress)}; "
-                              f"expected {sorted(_PROGRESS_KEYS)} (and {list(_BEST_KEYS)} when selecting)")
-    step, skipped, elapsed = progress["step"], progress["skipped"], progress["elapsed_s"]
-    if not (_is_int(step) and _is_int(skipped) and _is_num(elapsed) and elapsed >= 0
-            and isinstance(progress["device"], str)):
-        raise CheckpointError(f"{path}: progress {_show(progress)} is not valid")
-    from ..spec import spec_from_dict  # local: the spec module imports the whole pipeline
-    try:
-        spec = spec_from_dict(run["spec"], "spec", f"{path}: stored spec")
-    except SpecError as e:
-        raise CheckpointError(f"invalid {e}") from None
-    learn = run["learn"]
-    if not (_is_int(run["seed"]) and learn in _LEARN and isinstance(run["rule"], str)
-            and isinstance(run["rule_config"], dict)
-            and (run["loss_config"] is None) == (learn == "optimizer")
-            and (run["loss_config"] is None or isinstance(run["loss_config"], dict))
-            and (run["inner_lr"] is None or (_is_num(run["inner_lr"]) and run["inner_lr"] > 0))):
-        raise CheckpointError(f"{path}: run {_show({k: v for k, v in run.items() if k != 'spec'})} is not valid")
-
     history_t = tensors["history"]
     if history_t.shape != (step,) or torch.isinf(history_t).any():
         raise CheckpointError(f"{path}: history has shape {tuple(history_t.shape)} or infinite values; expected "
@@ -431,6 +504,10 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if "torch" not in rng or rng["torch"].shape != torch.get_rng_state().shape or not cuda_ok \
             or any(t.dim() != 1 for t in rng.values()):
         raise CheckpointError(f"{path}: generator states {sorted(rng)} are not valid")
+    try:  # a state the generator refuses ("Invalid mt19937 state"), found now rather than mid-resume
+        torch.Generator().set_state(rng["torch"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: generator state 'rng.torch' is not valid: {clip_text(e, 80)}") from None
     return Checkpoint(run=run, step=step, skipped=skipped, history=history, elapsed_s=float(elapsed),
                       device=progress["device"], meta=groups["meta"], loss=groups["loss"], adam=adam, rng=rng,
                       best=best)
