@@ -4,11 +4,15 @@ dataclasses and calls the library; every error caused by bad input prints one li
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
 from .errors import MetascaleError
+from .safeio import clip_text
 
 from .optim.registry import DEFAULT_RULE, RULES
 
@@ -29,6 +33,98 @@ def _int_at_least(lo: int):
 
 
 _positive, _nonneg = _int_at_least(1), _int_at_least(0)
+
+
+def _int_in(lo: int, hi: int):
+    """argparse type: an integer in ``[lo, hi]`` (the caps of the spec key of the same meaning)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{lo}, {hi}], got {clip_text(repr(text), 40)}") \
+                from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{lo}, {hi}], got {clip_text(v, 40)}")
+        return v
+    return parse
+
+
+def _cap(cls: type, field: str) -> int:
+    """The upper bound a spec config declares for ``field`` (:func:`metascale.config.check`)."""
+    import dataclasses
+    return next(f.metadata["hi"] for f in dataclasses.fields(cls) if f.name == field)
+
+
+def _path_arg(flag: str, text: str | None) -> Path | None:
+    """``None`` for an absent flag; refuses an empty path (it would mean the current folder)."""
+    if text is None:
+        return None
+    if not text.strip():
+        raise MetascaleError(f"{flag}: empty path; give a path")
+    return Path(text)
+
+
+def _check_writable_file(flag: str, path: Path) -> None:
+    """Refuse now, before any work, an output file that could not be written later: the folder
+    is made and a file of that exact name created (and removed again if it was not there)."""
+    if path.is_dir():
+        raise MetascaleError(f"{flag} {path}: is a folder; give a file path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    existed = path.exists()
+    with open(path, "a"):
+        pass
+    if not existed:
+        path.unlink()
+
+
+def _json_safe(value):
+    """``value`` with every non-finite float as ``null`` (``NaN``/``Infinity`` are not JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _write_json(path: Path, value) -> None:
+    """Write ``value`` as strict JSON (non-finite numbers as ``null``), atomically: a temporary
+    file in the same folder moved over ``path``, so a concurrent writer never interleaves."""
+    import tempfile
+    text = json.dumps(_json_safe(value), indent=1, allow_nan=False)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+STALE = ("eval.json", "report.md", "optimizer.safetensors", "loss.safetensors", "checkpoint.safetensors",
+         "metrics.jsonl")
+"""What ``meta-train --force`` removes from an output folder (with the report's PNGs and
+leftover temporary checkpoints): every file a previous run or its evaluation and report wrote."""
+
+
+def _claim_out(out: Path, resume: bool, force: bool) -> None:
+    """Called holding ``out``'s lock: refuse a folder that holds files unless resuming or
+    forced; with ``force``, remove what a previous run left (:data:`STALE`)."""
+    from .report import IMAGES
+    from .runlock import NAME
+    held = sorted(p.name for p in out.iterdir() if p.name != NAME)
+    if not held or resume:
+        return
+    if not force:
+        raise MetascaleError(f"--out {out}: holds {clip_text(', '.join(held), 120)}; pass --resume to continue its run, "
+                             "--force to start afresh there (removes the previous run's files), or give another folder")
+    stale = set(STALE) | set(IMAGES.values())
+    for p in out.iterdir():
+        if p.name in stale or (p.name.startswith("checkpoint.safetensors.") and p.name.endswith(".tmp")):
+            p.unlink()
 
 
 def _threads_jobs(args: argparse.Namespace, device, limit: int | None = None) -> tuple[int | None, int]:
@@ -73,31 +169,45 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 def cmd_meta_train(args: argparse.Namespace) -> int:
     """Meta-train, then export ``OUT/optimizer.safetensors`` and ``OUT/metrics.jsonl``."""
-    from .export import save_optimizer
-    from .meta import MetaTrainer
     from .spec import load_spec
     from .meta import resolve_device
-    from .meta.distributed import init_from_env, world
     spec = load_spec(args.spec)
     if args.engine:
         import dataclasses
         spec = dataclasses.replace(spec, inner=dataclasses.replace(spec.inner, engine=args.engine))
     device = resolve_device(args.device)
     threads, jobs = _threads_jobs(args, device, spec.meta.batch_size)
-    out = Path(args.out)
+    out = _path_arg("--out", args.out)
     if out.exists() and not out.is_dir():
         raise MetascaleError(f"--out {out}: exists and is not a folder")
+    if args.resume and args.force:
+        raise MetascaleError("--resume continues the run in --out; --force starts afresh there: give one")
     checkpoint = out / "checkpoint.safetensors"
     if args.resume:  # the file itself before any work; that it is this run's, in train()
         from .meta.checkpoint import read_checkpoint
         if not checkpoint.is_file():
             raise MetascaleError(f"--resume: no checkpoint {checkpoint} to resume from; run without --resume to start")
         read_checkpoint(checkpoint)
+    # the process that writes (not a rank --jobs started, nor a torchrun rank > 0) holds the lock
+    writer = not getattr(args, "rank_process", False) and os.environ.get("RANK", "0") == "0"
+    if not writer:
+        return _meta_train(args, spec, device, threads, jobs, out, checkpoint)
+    from .runlock import folder_lock
     out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out):
+        _claim_out(out, args.resume, args.force)
+        return _meta_train(args, spec, device, threads, jobs, out, checkpoint)
+
+
+def _meta_train(args, spec, device, threads, jobs, out: Path, checkpoint: Path) -> int:
+    """The body of ``meta-train`` once the output folder is claimed."""
+    from .export import save_optimizer
+    from .meta import MetaTrainer
+    from .meta.distributed import init_from_env, world
     if jobs > 1:  # --jobs N: N local ranks of one gloo group, as torchrun would start them
         from .parallel import launch
-        return launch(_run, (argparse.Namespace(**{**vars(args), "jobs": None, "threads": threads}),), jobs,
-                      threads=threads)
+        return launch(_run, (argparse.Namespace(**{**vars(args), "jobs": None, "threads": threads,
+                                                   "rank_process": True}),), jobs, threads=threads)
     init_from_env(device)  # under torchrun or --jobs: each rank unrolls its share of every meta-batch
     rank, size = world()
     from .losses import LossConfig
@@ -118,6 +228,12 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
         dist.destroy_process_group()
     if rank != 0:  # only rank 0 writes files and logs
         return 0
+    s = result.summary
+    if s["meta_steps"] > 0 and s.get("skipped_meta_steps") == s["meta_steps"] and not args.allow_diverged:
+        raise MetascaleError(f"every task of all {s['meta_steps']} meta-step(s) diverged (non-finite meta-loss or "
+                             "meta-gradient): the meta-parameters never moved, nothing exported (see tasks_skipped in "
+                             f"{out / 'metrics.jsonl'}); lower [meta] lr or the spec's init_lr, or pass "
+                             "--allow-diverged to export the untrained optimizer anyway")
     written = []
     if args.learn in ("optimizer", "both"):
         written.append(save_optimizer(out / "optimizer.safetensors", result.meta, result.rule, spec.to_dict(),
@@ -148,6 +264,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .meta import resolve_device
     from .spec import load_spec
     from .export import file_format, read_loss
+    json_path = _path_arg("--json", args.json)
+    if json_path is not None:  # before any work: an unwritable path fails now, not after the evaluation
+        _check_writable_file("--json", json_path)
     spec = load_spec(args.spec)
     T = eval_steps(spec, args.steps)
     baselines = None
@@ -176,16 +295,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         learned[name] = FileOptimizer(str(other), total_steps=T)
     device = resolve_device(args.device)
     threads, jobs = _threads_jobs(args, device)
-    if args.json and Path(args.json).is_dir():
-        raise MetascaleError(f"--json {args.json}: is a folder; give a file path")
     result = evaluate(learned, spec, n_tasks=args.tasks, steps=args.steps, seed=args.seed, device=device,
                       progress=not args.quiet, losses=losses, baselines=baselines, jobs=jobs, threads=threads)
     result["file"] = str(args.file)
     print(format_table(result))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.json}")
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(json_path, result)
+        print(f"wrote {json_path}")
     return 0
 
 
@@ -212,6 +329,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Plot a run folder (meta-loss, learned step sizes and rescaling factors per layer, held-out
     comparison from eval.json) and write a markdown summary, report.md, that embeds the plots."""
     from .report import make_report
+    _path_arg("--out", args.out)
     rep = make_report(args.run_dir, args.out, progress=not args.quiet)
     for note in rep.notes:
         print(f"note: {note}")
@@ -222,6 +340,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (one sub-command per verb, each with ``--help``)."""
     from .parallel import add_arguments as add_parallel_arguments
+    from .spec import EvaluateConfig, MetaConfig
     p = argparse.ArgumentParser(
         prog="metascale",
         description="Meta-train layer-wise learnable optimizers (per-layer step sizes and rescaling factors) "
@@ -245,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "under plain SGD at its tuned step size (OUT/loss.safetensors), or both jointly")
     m.add_argument("--loss", default="ml3", choices=("ml3", "adaptive_scale"),
                    help="learned loss kind for --learn loss|both (default: ml3)")
-    m.add_argument("--meta-steps", type=_nonneg, help="meta-steps (default: the spec's [meta] steps)")
+    m.add_argument("--meta-steps", type=_int_in(0, _cap(MetaConfig, "steps")),
+                   help="meta-steps (default: the spec's [meta] steps)")
     m.add_argument("--engine", choices=("higher", "func"),
                    help="differentiable inner loop: higher or torch.func (default: the spec's [inner] engine, "
                         "else higher); [inner] windows > 1 always uses func")
@@ -258,6 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.safetensors (same spec, seed, --learn, --rule, --loss, "
                         "--engine); the result equals an uninterrupted run's")
+    m.add_argument("--force", action="store_true",
+                   help="start afresh in an --out folder that holds files (removes the previous run's optimizer, "
+                        "loss, checkpoint, metrics, eval.json and report); without it such a folder is refused")
+    m.add_argument("--allow-diverged", action="store_true",
+                   help="export even when every task of every meta-step diverged (the untrained optimizer); without "
+                        "it such a run exits with code 2 and exports nothing")
     add_parallel_arguments(m, "the tasks of each meta-batch", "task")
     m.set_defaults(func=cmd_meta_train)
 
@@ -275,10 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
                                        "schedulefree_adamw, or all (default: the spec's [evaluate] baselines; "
                                        "prodigy/schedulefree need pip install 'metascale[baselines]')")
     e.add_argument("--spec", required=True, help="task-distribution spec whose meta-test draws are used")
-    e.add_argument("--tasks", type=_positive, help="held-out tasks N (default: the spec's [evaluate] tasks)")
-    e.add_argument("--steps", type=_positive, help="training steps T (default: the spec's, else its K)")
+    e.add_argument("--tasks", type=_int_in(1, _cap(EvaluateConfig, "tasks")),
+                   help="held-out tasks N (default: the spec's [evaluate] tasks)")
+    e.add_argument("--steps", type=_int_in(1, _cap(EvaluateConfig, "steps")),
+                   help="training steps T (default: the spec's, else its K)")
     e.add_argument("--json", help="write the full result (per optimizer: median_final_loss, iqr_final_loss, "
-                                  "tuned_lr, median_steps_to_adam, curves) to this JSON file")
+                                  "tuned_lr, median_steps_to_adam, curves) to this JSON file; strict JSON: a "
+                                  "non-finite number (a diverged run's loss) is written as null")
     e.add_argument("--seed", type=_nonneg, default=0, help="seed of the held-out draws (default 0)")
     e.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -307,11 +436,24 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except MetascaleError as e:
-        print(f"metascale: error: {e}", file=sys.stderr)
-        return 2
+        message = str(e)
+    except RecursionError:
+        message = "input nested too deeply to read (RecursionError): a spec, metrics or JSON file nested thousands deep?"
+    except MemoryError:
+        message = "out of memory: a size in the spec, the command line or an input file is too large for this machine"
+    except OSError as e:  # outputs: unwritable, over-long path, full disk, ...
+        where = f"{e.filename}: " if e.filename else ""
+        message = f"{where}{e.strerror or type(e).__name__}" + (f" (errno {e.errno})" if e.errno else "")
     except KeyboardInterrupt:
         print("metascale: interrupted", file=sys.stderr)
         return 130
+    print(f"metascale: error: {one_line(message)}", file=sys.stderr)
+    return 2
+
+
+def one_line(message: str, limit: int = 400) -> str:
+    """``message`` on one line (whitespace runs become one space), cut to ``limit`` characters."""
+    return clip_text(" ".join(str(message).split()), limit)
 
 
 def main(argv: list[str] | None = None) -> int:

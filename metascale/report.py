@@ -95,6 +95,16 @@ class Report:
 
 
 # --------------------------------------------------------------------------- reading
+def _int(text: str) -> int | float:
+    """JSON integers past 18 digits as floats (``inf`` beyond float range): a metric is never a
+    huge integer, and one would overflow every later conversion."""
+    return int(text) if len(text.lstrip("-")) <= 18 else float(text)
+
+
+def _loads(text: str):
+    return json.loads(text, parse_int=_int)
+
+
 def read_metrics(path: Path) -> list[dict]:
     """The records of a ``metrics.jsonl`` file; :class:`MetascaleError` if it is missing, empty
     or holds a line that is not a metrics record."""
@@ -109,11 +119,13 @@ def read_metrics(path: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            raise MetascaleError(f"{path}: line {n} is not valid JSON (truncated or corrupted?)") from None
+            rec = _loads(line)
+        except (ValueError, RecursionError):  # also nesting thousands deep
+            raise MetascaleError(f"{path}: line {n} is not valid JSON (truncated, corrupted or nested too deeply?)") \
+                from None
         ok = isinstance(rec, dict) and isinstance(rec.get("meta_step"), int) and (
-            rec.get("meta_loss") is None or isinstance(rec.get("meta_loss"), (int, float)))
+            rec.get("meta_loss") is None or (isinstance(rec.get("meta_loss"), (int, float))
+                                             and not math.isinf(rec["meta_loss"])))
         if not ok:
             raise MetascaleError(f"{path}: line {n} is not a metrics record (expected a JSON object with an integer "
                                  "meta_step and a number or null meta_loss)")
@@ -147,8 +159,8 @@ def load_run(run_dir: str | Path) -> RunData:
     eval_path = folder / EVAL
     if eval_path.exists():
         try:
-            evaluation = json.loads(eval_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            evaluation = _loads(eval_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
             raise MetascaleError(f"{eval_path}: not readable JSON ({type(e).__name__}); rerun "
                                  f"`metascale evaluate ... --json {eval_path}`") from None
         opts = evaluation.get("optimizers") if isinstance(evaluation, dict) else None

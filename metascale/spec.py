@@ -252,6 +252,8 @@ def load_spec(path: str | Path) -> Spec:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise SpecError(f"{path}: malformed TOML: {e}") from None
+    except RecursionError:
+        raise SpecError(f"{path}: malformed TOML: nested too deeply") from None
     return spec_from_dict(data, path.stem, str(path), str(path))
 
 
