@@ -389,3 +389,163 @@ def test_the_originals_round_trip(kinds, tmp_path):
         again = kind.read(kind.rewrite(loaded, tmp_path / f"{kind.name}-again.safetensors"))
         assert kind.content(again) == kind.content(loaded), kind.name
         assert issubclass(kind.error, MetascaleError)
+
+
+# --------------------------------------------------------------------------- optimizer state_dicts
+STATE_CASES = 1200
+
+
+def _sd_optimizer(name: str, width: int, depth: int = 2, steps: int = 2, shift: float = 0.0, seed: int = 0):
+    """A LearnedOptimizer of rule ``name`` on an MLP of ``depth`` layers of ``width``, after
+    ``steps`` steps (``shift`` moves the meta-parameters: another file of the same rule)."""
+    from metascale.optim import LearnedOptimizer
+    rule = RULES[name]
+    cfg = rule.resolve(rule.config_from(rule.config_type()), 5)
+    meta = {k: v + shift for k, v in rule.init_meta(cfg, 5, seed=1).items()}
+    gen = torch.Generator().manual_seed(seed)
+    layers, d = [], 3
+    for _ in range(depth - 1):
+        layers += [torch.nn.Linear(d, width), torch.nn.Tanh()]
+        d = width
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(d, 1))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    opt = LearnedOptimizer(model.parameters(), meta, cfg, total_steps=5)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.randn(6, 3, generator=gen)).pow(2).mean().backward()
+        opt.step()
+    return model, opt
+
+
+def _mutate_state_dict(rng: random.Random, sd: dict) -> tuple[str, dict]:
+    import copy as _copy
+    sd = _copy.deepcopy(sd)
+    entries = [e for e in sd["state"].values()]
+    op = rng.randrange(12)
+    if op == 0 or not entries:
+        return "same", sd
+    e = rng.choice(entries)
+    key = rng.choice(sorted(e))
+    v = e[key]
+    if op == 1:  # a tensor reshaped, resized, retyped, made non-contiguous, moved to meta
+        if isinstance(v, torch.Tensor):
+            e[key] = rng.choice([v.reshape(-1), v[..., :1] if v.dim() else v, torch.cat([v.reshape(-1)] * 2),
+                                 v.double(), v.half(), v.long(), v.to(torch.complex64), v.to("meta"),
+                                 v.t().contiguous().t() if v.dim() == 2 else v, torch.zeros(()), v.unsqueeze(0),
+                                 v.to_sparse()])
+        else:
+            e[key] = rng.choice([-1, 1.5, "x", None, True, 2 ** 70, math.nan, torch.tensor(3), [1]])
+    elif op == 2:
+        e[key] = rng.choice([math.nan, math.inf, -1.0, 0.0, 1e300, -5, "1", None, [], {}])
+    elif op == 3:
+        del e[key]
+    elif op == 4:
+        e[rng.choice(["exp_avg", "momentum_buffer", "avg_sq_grad", "first_sq_grad", "step", "x"])] = \
+            rng.choice([torch.zeros(1), 0.5, 3, torch.zeros(3, 3)])
+    elif op == 5:  # the state of one parameter moved to another index
+        ks = sorted(sd["state"])
+        a, b = rng.choice(ks), rng.randrange(-2, len(ks) + 4)
+        sd["state"][b] = sd["state"].pop(a)
+    elif op == 6:
+        g = rng.choice(sd["param_groups"])
+        g[rng.choice(["lr", "foreach", "role", "layer", "num_layers", "last_scale", "betas", "params"])] = \
+            rng.choice([math.nan, -1.0, 0.0, 2.0, None, True, "vector", 99, [0], [], "x", (0.9,)])
+    elif op == 7:
+        sd["param_groups"] = rng.choice([sd["param_groups"][:-1], sd["param_groups"] + sd["param_groups"][:1],
+                                         list(reversed(sd["param_groups"])), [], "x"])
+    elif op == 8:
+        sd["metascale"] = rng.choice([{}, None, "layerwise", {**sd["metascale"], "rule": "adaptive"},
+                                      {**sd["metascale"], "meta_digest": "0" * 64}, {"rule": sd["metascale"]["rule"]}])
+    elif op == 9:
+        sd.pop(rng.choice(["state", "param_groups", "metascale"]))
+    elif op == 10:
+        sd[rng.choice(["extra", "state"])] = rng.choice([[], None, {0: {}}, {"a": 1}])
+    else:  # values scaled but well-formed: loads as equal state
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            e[key] = v * rng.choice([0.0, -2.0, 1e3])
+        elif key != "step" and isinstance(v, float):
+            e[key] = v * rng.choice([0.0, 2.0])
+    return f"op{op}", sd
+
+
+def _state_equal(opt, sd: dict) -> bool:
+    """Whether ``opt`` now holds ``sd``'s state (tensors cast to the parameters' dtypes)."""
+    mine = opt.state_dict()
+    if mine["metascale"] != sd["metascale"] or mine["state"].keys() != sd["state"].keys():
+        return False
+    for i, entry in sd["state"].items():
+        have = mine["state"][i]
+        if have.keys() != entry.keys():
+            return False
+        for k, v in entry.items():
+            h = have[k]
+            if isinstance(v, torch.Tensor):
+                if not torch.equal(h, v.to(dtype=h.dtype, device=h.device)):
+                    return False
+            elif h != v:
+                return False
+    skip = {"params"}
+    return all({k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
+               for a, b in zip(mine["param_groups"], sd["param_groups"]))
+
+
+def state_dict_fuzz(cases: int = STATE_CASES, seed: int = SEED) -> dict:
+    """Load ``cases`` mutated state_dicts (narrower, wider, deeper, other-rule, other-file and
+    corrupted ones) into fresh optimizers; each loads to equal state (and then steps) or raises
+    the library's error. Returns the outcome counts; raises AssertionError on anything else."""
+    from metascale.errors import MetascaleError
+    rng = random.Random(f"{seed}-state")
+    rules = sorted(RULES)
+    sources = []
+    for name in rules:
+        for width, depth in ((4, 2), (2, 2), (9, 2), (4, 3)):
+            sources.append((name, width, depth, 0.0, _sd_optimizer(name, width, depth)[1].state_dict()))
+        sources.append((name, 4, 2, 0.5, _sd_optimizer(name, 4, 2, shift=0.5)[1].state_dict()))
+    outcomes: dict[str, int] = {}
+    failures = []
+    for case in range(cases):
+        name = rng.choice(rules)
+        same = [x for x in sources if x[:4] == (name, 4, 2, 0.0)]
+        src = same[0] if rng.random() < 0.4 else rng.choice(sources)  # a loadable source often enough
+        label, sd = _mutate_state_dict(rng, src[4])
+        model, opt = _sd_optimizer(name, 4, 2, steps=rng.randrange(2))
+        try:
+            opt.load_state_dict(sd)
+        except MetascaleError as e:
+            assert "\n" not in str(e)
+            outcomes["raised"] = outcomes.get("raised", 0) + 1
+            continue
+        except Exception as e:  # noqa: BLE001 - what the fuzz is for
+            failures.append((case, label, src[:4], f"{type(e).__name__}: {str(e)[:100]}"))
+            continue
+        if not _state_equal(opt, sd):
+            failures.append((case, label, src[:4], "loaded state differs"))
+            continue
+        opt.zero_grad()
+        model(torch.randn(6, 3)).pow(2).mean().backward()
+        try:
+            opt.step()
+        except Exception as e:  # noqa: BLE001
+            failures.append((case, label, src[:4], f"step after load: {type(e).__name__}: {str(e)[:100]}"))
+            continue
+        outcomes["loaded"] = outcomes.get("loaded", 0) + 1
+    assert not failures, failures[:10]
+    return outcomes
+
+
+def test_mutated_state_dicts_load_equal_or_raise_the_library_error():
+    """In a child process, so that a crash (the fused kernel writing past a buffer) or a hang
+    fails this test instead of killing pytest."""
+    import subprocess
+    import sys
+    code = f"import json, test_fuzz; print(json.dumps(test_fuzz.state_dict_fuzz({STATE_CASES})))"
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parent)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, (out.returncode, out.stderr[-3000:])
+    outcomes = json.loads(out.stdout.strip().splitlines()[-1])
+    assert sum(outcomes.values()) == STATE_CASES >= 1000
+    assert outcomes.get("loaded", 0) >= 50 and outcomes.get("raised", 0) >= STATE_CASES // 2, outcomes
+    print(outcomes)

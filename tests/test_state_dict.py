@@ -264,3 +264,40 @@ def test_bad_lr_is_refused(lr):
 def test_complex_meta_and_integer_parameters_get_a_clear_error(param):
     with pytest.raises(ValueError, match="real floating-point parameters"):
         LearnedOptimizer([param], meta_of("layerwise"), config("layerwise"), total_steps=5)
+
+
+# --------------------------------------------------------------------------- issue 15, item 3
+@pytest.mark.parametrize("name", ["adaptive", "adaptive-momentum"])
+def test_groups_start_stop_and_restart_receiving_gradients(name):
+    """Progressive unfreezing: the first, a middle and the last group get no gradient for some
+    steps (never yet, or for a while). Before: the last group raised KeyError 'first_sq_grad' and
+    the first one reset every group's step counter to 1. Each group's counter counts exactly the
+    steps it took, the others' never move back, and every step is finite."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(),
+                      nn.Linear(6, 1))
+    opt = LearnedOptimizer(m.parameters(), meta_of(name), config(name), total_steps=20)
+    groups = opt.param_groups
+    first, middle, last = 0, len(groups) // 2, len(groups) - 1
+    silent = {first: range(0, 4), middle: range(3, 7), last: range(0, 9)}  # steps without gradients
+    taken = [0] * len(groups)
+    gen = torch.Generator().manual_seed(1)
+    for t in range(12):
+        opt.zero_grad()
+        m(torch.randn(8, 4, generator=gen)).pow(2).mean().backward()
+        for k, steps in silent.items():
+            if t in steps:
+                for p in groups[k]["params"]:
+                    p.grad = None
+        before = [opt.state[g["params"][0]].get("step", 0) for g in groups]
+        opt.step()
+        for k, g in enumerate(groups):
+            live = not (k in silent and t in silent[k])
+            taken[k] += live
+            assert opt.state[g["params"][0]].get("step", 0) == before[k] + live, (t, k)
+            if live:
+                stats = opt.state[g["params"][0]]
+                assert math.isfinite(stats["avg_sq_grad"]) and math.isfinite(stats["first_sq_grad"])
+        assert all(torch.isfinite(p).all() for p in m.parameters()), t
+    assert [opt.state[g["params"][0]]["step"] for g in groups] == taken
+    assert taken[first] == 8 and taken[middle] == 8 and taken[last] == 3 and taken[1] == 12

@@ -11,8 +11,8 @@ one this optimizer could have produced:
   config and meta-parameters, :func:`identity`) equals the optimizer's;
 * the groups match in number, size and place (role, layer, layer count); every other group
   value has the kind of the optimizer's own (numbers finite, ``lr >= 0``);
-* per parameter, only ``step`` (an integer >= 0), the rule's buffers (real floating tensors of
-  the parameter's shape, not on the ``meta`` device) and the rule's per-group statistics
+* per parameter, only ``step`` (an integer >= 0), the rule's buffers (all or none of them; real
+  floating tensors of the parameter's shape, not on the ``meta`` device) and the rule's per-group statistics
   (finite numbers the rule accepts, :meth:`~metascale.optim.Rule.check_stats`).
 
 Every refusal is a :class:`~metascale.errors.StateError` with one line. After loading,
@@ -49,6 +49,11 @@ def identity(rule: Any, config: Any, meta: dict[str, torch.Tensor]) -> dict[str,
     return {"rule": rule.name, "meta_digest": h.hexdigest()}
 
 
+def _show(v: Any, limit: int) -> str:
+    """``repr(v)`` on one line, cut to ``limit`` characters."""
+    return clip_text(" ".join(repr(v).split()), limit)
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -74,15 +79,15 @@ def check_state_dict(optimizer: Any, state_dict: Any) -> None:
     rule = optimizer.rule
     if not isinstance(state_dict, dict) or set(state_dict) != {"state", "param_groups", KEY}:
         keys = sorted(map(str, state_dict)) if isinstance(state_dict, dict) else type(state_dict).__name__
-        raise StateError(f"not a metascale optimizer state_dict: keys {clip_text(keys, 80)}; expected "
+        raise StateError(f"not a metascale optimizer state_dict: keys {_show(keys, 80)}; expected "
                          f"['{KEY}', 'param_groups', 'state'] (saved by LearnedOptimizer.state_dict())")
     mine, theirs = optimizer.identity(), state_dict[KEY]
     if not isinstance(theirs, dict) or theirs != mine:
         if isinstance(theirs, dict) and theirs.get("rule") != mine["rule"]:
-            raise StateError(f"state_dict is from an optimizer of rule {clip_text(repr(theirs.get('rule')), 60)}; "
+            raise StateError(f"state_dict is from an optimizer of rule {_show(theirs.get('rule'), 60)}; "
                              f"this one runs rule {mine['rule']!r}")
         raise StateError(f"state_dict is from an optimizer with other meta-parameters or config (digest "
-                         f"{clip_text(theirs.get('meta_digest') if isinstance(theirs, dict) else theirs, 20)}, "
+                         f"{_show(theirs.get('meta_digest') if isinstance(theirs, dict) else theirs, 24)}, "
                          f"this one {mine['meta_digest'][:16]}...): the state of one learned optimizer cannot "
                          "drive another")
     groups, saved = optimizer.param_groups, state_dict["param_groups"]
@@ -99,7 +104,7 @@ def check_state_dict(optimizer: Any, state_dict: Any) -> None:
                              f"optimizer's has {len(group['params'])} (a model of another shape?)")
         for key in _PLACE:
             if key in group and sg.get(key) != group[key]:
-                raise StateError(f"state_dict parameter group {k} has {key} {clip_text(repr(sg.get(key)), 40)}; "
+                raise StateError(f"state_dict parameter group {k} has {key} {_show(sg.get(key), 40)}; "
                                  f"this optimizer's has {group[key]!r} (a model of another shape?)")
         for key, value in sg.items():
             if key == "params" or key in _PLACE:
@@ -109,10 +114,10 @@ def check_state_dict(optimizer: Any, state_dict: Any) -> None:
             else:
                 ok = key in group and _same_kind(group[key], value)
             if not ok:
-                raise StateError(f"state_dict parameter group {k}: {clip_text(repr(key), 40)} = "
-                                 f"{clip_text(repr(value), 40)} is not a value this optimizer accepts")
+                raise StateError(f"state_dict parameter group {k}: {_show(key, 40)} = "
+                                 f"{_show(value, 40)} is not a value this optimizer accepts")
         if not _is_num(sg.get("lr", 0)) or sg.get("lr", 0) < 0:
-            raise StateError(f"state_dict parameter group {k}: lr = {clip_text(repr(sg.get('lr')), 40)}; expected a "
+            raise StateError(f"state_dict parameter group {k}: lr = {_show(sg.get('lr'), 40)}; expected a "
                              "finite number >= 0")
         for i, p in zip(sg["params"], group["params"]):
             if i in owner:
@@ -124,22 +129,27 @@ def check_state_dict(optimizer: Any, state_dict: Any) -> None:
     allowed = {"step", *rule.buffers, *rule.stats}
     for i, entry in state.items():
         if i not in owner:
-            raise StateError(f"state_dict holds state for parameter {clip_text(repr(i), 40)}, which no group lists")
+            raise StateError(f"state_dict holds state for parameter {_show(i, 40)}, which no group lists")
         k, p = owner[i]
         if not isinstance(entry, dict):
             raise StateError(f"state_dict state of parameter {i} is not a dict")
         for key, value in entry.items():
             where = f"state_dict state of parameter {i} (group {k}, shape {tuple(p.shape)})"
             if key not in allowed:
-                raise StateError(f"{where} has {clip_text(repr(key), 40)}; rule {rule.name!r} keeps only "
+                raise StateError(f"{where} has {_show(key, 40)}; rule {rule.name!r} keeps only "
                                  f"{sorted(allowed)}")
             if key == "step":
                 if not _is_int(value) or not 0 <= value <= MAX_STEP:
-                    raise StateError(f"{where}: step = {clip_text(repr(value), 40)}; expected an integer >= 0")
+                    raise StateError(f"{where}: step = {_show(value, 40)}; expected an integer >= 0")
             elif key in rule.buffers:
                 _check_buffer(value, p, f"{where}: {key}")
             elif not _is_num(value):
-                raise StateError(f"{where}: {key} = {clip_text(repr(value), 40)}; expected a finite number")
+                raise StateError(f"{where}: {key} = {_show(value, 40)}; expected a finite number")
+        held = [key for key in rule.buffers if key in entry]
+        if held and len(held) != len(rule.buffers):
+            raise StateError(f"state_dict state of parameter {i} (group {k}) has {held} without "
+                             f"{[key for key in rule.buffers if key not in entry]}; rule {rule.name!r} keeps them "
+                             "together")
         problem = rule.check_stats({key: entry[key] for key in rule.stats if key in entry})
         if problem:
             raise StateError(f"state_dict state of parameter {i} (group {k}): {problem}")
