@@ -213,7 +213,8 @@ BAD = {
     "lr negative": lambda sd: sd["param_groups"][0].update(lr=-1.0),
     "lr a string": lambda sd: sd["param_groups"][0].update(lr="1"),
     "role swapped": lambda sd: sd["param_groups"][0].update(role="vector"),
-    "unknown group key": lambda sd: sd["param_groups"][0].update(betas=(0.9, 0.99)),
+    "unknown group key of a tensor": lambda sd: sd["param_groups"][0].update(betas=torch.zeros(2)),
+    "unknown group key of nan": lambda sd: sd["param_groups"][0].update(initial_lr=math.nan),
     "params not ints": lambda sd: sd["param_groups"][0].update(params=["a"] * len(sd["param_groups"][0]["params"])),
     "param listed twice": lambda sd: sd["param_groups"][1].update(params=list(sd["param_groups"][0]["params"])),
     "state of an unknown param": lambda sd: sd["state"].update({99: {"step": 1}}),
@@ -301,3 +302,12 @@ def test_groups_start_stop_and_restart_receiving_gradients(name):
         assert all(torch.isfinite(p).all() for p in m.parameters()), t
     assert [opt.state[g["params"][0]]["step"] for g in groups] == taken
     assert taken[first] == 8 and taken[middle] == 8 and taken[last] == 3 and taken[1] == 12
+
+
+def test_a_state_dict_saved_with_an_lr_scheduler_loads():
+    m, opt = trained("layerwise")
+    torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)  # adds initial_lr to every group
+    m2, opt2 = copy.deepcopy(m), None
+    opt2 = LearnedOptimizer(m2.parameters(), meta_of("layerwise"), config("layerwise"), total_steps=HORIZON)
+    opt2.load_state_dict(opt.state_dict())
+    assert all(g["initial_lr"] == 1.0 for g in opt2.param_groups)

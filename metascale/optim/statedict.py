@@ -10,7 +10,8 @@ one this optimizer could have produced:
 * its identity (``state_dict["metascale"]``: the rule's registry key and a SHA-256 of the rule's
   config and meta-parameters, :func:`identity`) equals the optimizer's;
 * the groups match in number, size and place (role, layer, layer count); every other group
-  value has the kind of the optimizer's own (numbers finite, ``lr >= 0``);
+  value has the kind of the optimizer's own (numbers finite, ``lr >= 0``), and keys the
+  optimizer does not have (an LR scheduler's ``initial_lr``) hold plain values;
 * per parameter, only ``step`` (an integer >= 0), the rule's buffers (all or none of them; real
   floating tensors of the parameter's shape, not on the ``meta`` device) and the rule's per-group statistics
   (finite numbers the rule accepts, :meth:`~metascale.optim.Rule.check_stats`).
@@ -62,6 +63,10 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _plain(v: Any) -> bool:
+    return v is None or isinstance(v, (bool, str)) or _is_num(v)
+
+
 def _same_kind(mine: Any, theirs: Any) -> bool:
     """Whether a saved group value may replace the optimizer's own value ``mine``."""
     if mine is None or isinstance(mine, bool):
@@ -109,10 +114,11 @@ def check_state_dict(optimizer: Any, state_dict: Any) -> None:
         for key, value in sg.items():
             if key == "params" or key in _PLACE:
                 continue
-            if key in ("last_step_size", "last_scale") and key not in group:
-                ok = _is_num(value)
-            else:
-                ok = key in group and _same_kind(group[key], value)
+            if key in group:
+                ok = _same_kind(group[key], value)
+            else:  # keys other tools add (LR schedulers' initial_lr, param_names): plain values only
+                ok = _plain(value) or (isinstance(value, (list, tuple)) and len(value) <= 1_000_000
+                                       and all(_plain(v) for v in value))
             if not ok:
                 raise StateError(f"state_dict parameter group {k}: {_show(key, 40)} = "
                                  f"{_show(value, 40)} is not a value this optimizer accepts")
