@@ -32,6 +32,7 @@ from .tasks.base import TaskSampler
 OBJECTIVES = ("mean", "log_mean", "final", "log_final")
 ENGINES = ("higher", "func")
 LEARN = ("optimizer", "loss", "both")
+ESTIMATORS = ("backprop", "truncated", "es", "pes")
 BASELINE_NAMES = ("sgd", "sgd_momentum", "adam", "adafactor", "prodigy", "schedulefree_adamw")
 """Names of the tuned baselines (their factories: :data:`metascale.evaluate.BASELINES`)."""
 DEFAULT_BASELINES = ("sgd", "sgd_momentum", "adam")
@@ -100,6 +101,17 @@ class MetaConfig:
             it costs about ``select_tasks / (3 * batch_size * select_every)`` of the run. Only
             with ``learn="optimizer"``: with a learned loss every run exports the last weights.
         select_tasks: tasks of that selection measure.
+        estimator: how the meta-gradient is estimated over the inner horizon
+            ``windows * steps`` (:mod:`metascale.meta.estimators`): ``"truncated"``
+            backpropagates through each window of ``steps`` inner steps, the state carried and
+            the graph cut between windows (one window: exact); ``"backprop"`` keeps the graph
+            across windows (exact, memory grows with the horizon); ``"es"`` and ``"pes"`` are
+            antithetic evolution strategies (no graph through the unroll: memory flat in the
+            horizon): ES over whole runs, PES (persistent ES) over windows with particles that
+            carry their inner states and perturbations from one meta-step to the next.
+        sigma: standard deviation of the ES/PES perturbations of the meta-parameters.
+        pairs: antithetic pairs per task of ES (PES: one pair per particle; ``batch_size``
+            particles).
     """
 
     batch_size: int = dataclasses.field(default=8, metadata=check("int", 1, 4096))
@@ -111,6 +123,9 @@ class MetaConfig:
     task_clip: float = dataclasses.field(default=1.0, metadata=check("float", 0.0, 1e9))
     select_every: int = dataclasses.field(default=10, metadata=check("int", 0, 10_000_000))
     select_tasks: int = dataclasses.field(default=16, metadata=check("int", 1, 100_000))
+    estimator: str = dataclasses.field(default="truncated", metadata=check("str", choices=ESTIMATORS))
+    sigma: float = dataclasses.field(default=0.01, metadata=check("float", 1e-8, 10.0))
+    pairs: int = dataclasses.field(default=1, metadata=check("int", 1, 100_000))
 
 
 @dataclasses.dataclass(frozen=True)

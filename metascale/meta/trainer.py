@@ -29,6 +29,7 @@ from ..spec import LEARN, MetaConfig
 from ..tasks.base import mix_seed
 from .checkpoint import open_metrics, restore, run_identity, save_checkpoint, snapshot
 from .distributed import gather_in_task_order, my_tasks, world
+from .estimators import PES, es_row, load_pes_state, remove_pes_state, save_pes_state
 
 if TYPE_CHECKING:
     from ..spec import Spec
@@ -152,6 +153,11 @@ class MetaTrainer:
             params += list(loss_fn.parameters())
             groups.append({"params": list(loss_fn.parameters()), "lr": cfg.loss_lr})
         adam = torch.optim.Adam(groups)
+        if cfg.estimator in ("es", "pes") and self.learn != "optimizer":
+            raise ValueError(f"estimator {cfg.estimator!r} meta-trains the optimizer alone (learn='optimizer'); "
+                             "a learned loss needs backprop or truncated")
+        pes = PES(sampler.task, rule, spec.inner, cfg.sigma, self.seed, cfg.batch_size, self.device) \
+            if cfg.estimator == "pes" else None
         # selection keeps the optimizer's meta-parameters only: not used when a loss is learned
         select = selection_tasks(spec, self.seed, cfg) if cfg.select_every > 0 and self.learn == "optimizer" else None
         best: tuple[int, float, dict] | None = None  # (meta-step, selection loss, meta-parameters)
@@ -167,8 +173,11 @@ class MetaTrainer:
             skipped, history, start, elapsed = ck.skipped, ck.history, ck.step, ck.elapsed_s
             if ck.best is not None:
                 best = (ck.best[0], ck.best[1], {k: v.to(self.device) for k, v in ck.best[2].items()})
+            if pes is not None and start > 0:  # every rank its own particles
+                load_pes_state(checkpoint_path, rank, start, pes)
         elif checkpoint_path is not None and rank == 0:
             Path(checkpoint_path).unlink(missing_ok=True)  # an earlier run's: never resume into this one
+            remove_pes_state(checkpoint_path)
         if metrics_path:
             Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
         out = open_metrics(metrics_path, start) if metrics_path else None
@@ -183,7 +192,7 @@ class MetaTrainer:
                 losses, n_ok, dropped = [], 0, []
                 # rows [finite, meta-loss, flat meta-gradient] of this rank's tasks, then of all
                 # tasks in task order (distributed.py); reduced in that order on every rank
-                mine = [self._task_row(sampler.task(step * cfg.batch_size + j), meta, rule, loss_fn, params)
+                mine = [self._row(step, j, sampler, meta, rule, loss_fn, params, pes)
                         for j in my_tasks(cfg.batch_size)]
                 rows = gather_in_task_order(torch.stack(mine) if mine else torch.zeros((0, 2 + n_flat)),
                                             cfg.batch_size)
@@ -215,8 +224,11 @@ class MetaTrainer:
                     out.write(json.dumps(record) + "\n")
                     out.flush()
                 bar.set_postfix(meta_loss="skipped" if loss is None else f"{loss:.4f}", gnorm="-" if gnorm is None else f"{gnorm:.3g}")
-                if checkpoint_path is not None and checkpoint_every > 0 and rank == 0 \
-                        and ((step + 1) % checkpoint_every == 0 or step + 1 == self.steps):
+                due = checkpoint_path is not None and checkpoint_every > 0 \
+                    and ((step + 1) % checkpoint_every == 0 or step + 1 == self.steps)
+                if due and pes is not None:  # each rank's particles, before the checkpoint that needs them
+                    save_pes_state(checkpoint_path, rank, step + 1, pes)
+                if due and rank == 0:
                     save_checkpoint(checkpoint_path, snapshot(run, step + 1, skipped, history, time.time() - t0, meta,
                                                               loss_fn, adam, self.device, best), metrics=out)
         finally:
@@ -256,6 +268,20 @@ class MetaTrainer:
             best = (step, sel, {k: v.detach().clone() for k, v in meta.items()})
         return sel, best
 
+    def _row(self, step, j, sampler, meta, rule, loss_fn, params, pes):
+        """The row of task ``j`` of meta-step ``step`` by the spec's estimator (zeros: skipped)."""
+        cfg, n = self.spec.meta, sum(v.numel() for v in params)
+        if cfg.estimator == "pes":
+            row = pes.row(j, step, meta)
+        elif cfg.estimator == "es":
+            row = es_row(sampler.task(step * cfg.batch_size + j), meta, rule, self.spec.inner, cfg.sigma, cfg.pairs,
+                         self.seed, step, j, self.device)
+        else:
+            return self._task_row(sampler.task(step * cfg.batch_size + j), meta, rule, loss_fn, params)
+        if row is None or not torch.isfinite(row).all():
+            return torch.zeros(2 + n, dtype=torch.float64, device=self.device)
+        return row
+
     def _task_row(self, task, meta, rule, loss_fn, params):
         """``[finite, meta-loss, flat meta-gradient]`` of one task (float64 row; zeros when the
         meta-loss or its gradient is not finite, so the task is skipped). With ``params=None``
@@ -265,6 +291,8 @@ class MetaTrainer:
         n = 0 if params is None else sum(v.numel() for v in params)
         bad = None if params is None else torch.zeros(2 + n, dtype=torch.float64, device=self.device)
         flat, total, state = torch.zeros(n, dtype=torch.float64, device=self.device), 0.0, None
+        carry = self.spec.meta.estimator == "backprop" and params is not None  # the graph across windows
+        whole = []
         for _ in range(inner.windows):
             if inner.engine == "higher" and inner.windows == 1:
                 res = unroll(task, meta, rule, inner.steps, objective=inner.objective, device=self.device,
@@ -273,12 +301,17 @@ class MetaTrainer:
                 res = unroll_func(task, meta, rule, inner.steps, objective=inner.objective, device=self.device,
                                   train_loss=loss_fn, state=state, total_steps=inner.horizon,
                                   create_graph=params is not None)
-                state = res.state.detach()
+                state = res.state if carry else res.state.detach()
             if not torch.isfinite(res.meta_loss):
                 return bad
             total += float(res.meta_loss.detach()) / inner.windows
             if params is None:
                 continue
+            if carry:
+                whole.append(res.meta_loss)
+                if len(whole) < inner.windows:
+                    continue
+                res.meta_loss = torch.stack(whole).sum()  # the mean over windows, below
             g = torch.autograd.grad(res.meta_loss, params, allow_unused=True)
             # unused: e.g. a learned loss's output bias, a constant that moves no gradient
             g = torch.cat([(torch.zeros_like(v) if x is None else x).reshape(-1) for v, x in zip(params, g)])
