@@ -228,7 +228,11 @@ def fused_mean_squares(groups: Sequence[Sequence[torch.Tensor]], *more: Sequence
         0, owner, torch.tensor([float(t.numel()) for ts in groups for t in ts], dtype=dtype, device=device))
     out = []
     for sets in (groups, *more):
-        sq = torch.stack(torch._foreach_norm([t for ts in sets for t in ts])).to(dtype) ** 2
+        flat = [t for ts in sets for t in ts]
+        if any(t.dtype in (torch.float16, torch.bfloat16) for t in flat):  # float32 norms: no overflow at 65504
+            sq = torch.stack(torch._foreach_norm(flat, 2, dtype=torch.float32)).to(dtype) ** 2
+        else:
+            sq = torch.stack(torch._foreach_norm(flat)).to(dtype) ** 2
         out.append(torch.zeros_like(numel).index_add_(0, owner, sq) / numel)
     return out
 

@@ -78,8 +78,11 @@ def heavy_ball_(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: lis
                 decay: float | None = None, nesterov: bool = False, foreach: bool = True,
                 fused: bool = False) -> list[torch.Tensor | None]:
     """In place; returns the buffers (new ones created). ``fused`` takes torch's fused SGD
-    kernel where it computes the same update (no Nesterov, ``c = s``, ``d = mu``): one pass over
-    ``(p, g, b)`` instead of three."""
+    kernel where it computes the same update (no Nesterov, ``c = s``, ``d = mu``; parameters of
+    one full-precision dtype, not under ``torch.compile``: :func:`fused_ok`): one pass over
+    ``(p, g, b)`` instead of three. Elsewhere the foreach (or per-tensor) kernels run; they take
+    every scalar (``lr``, ``lr * s``, ``c``, ``d``) as a float64 Python number and compute in the
+    tensors' ``opmath`` type (float32 for float16/bfloat16)."""
     c = scale if coef is None else coef
     d = momentum if decay is None else decay
     if momentum == 0:
@@ -89,7 +92,8 @@ def heavy_ball_(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: lis
             for p, g in zip(params, grads):
                 p.add_(g, alpha=-lr * scale)
         return list(bufs)
-    if fused and foreach and not nesterov and c == scale and d == momentum and _laid_out_alike(params, grads, bufs):
+    if fused and foreach and not nesterov and c == scale and d == momentum and fused_ok(params) \
+            and _laid_out_alike(params, grads, bufs):
         return _heavy_ball_fused(params, grads, bufs, lr=lr, momentum=momentum, scale=scale)
     bufs = list(bufs)
     fresh = [i for i, b in enumerate(bufs) if b is None]
@@ -119,6 +123,21 @@ def heavy_ball_(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: lis
     return bufs
 
 
+FUSED_DTYPES = (torch.float32, torch.float64)
+
+
+def fused_ok(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused SGD kernel may run on ``params``: one dtype among
+    :data:`FUSED_DTYPES`, and not while ``torch.compile`` traces (``aten::_fused_sgd_`` has no
+    fake kernel). In torch 2.13 the CPU kernel with momentum drops the parameter update of the
+    float16/bfloat16 elements in its vectorised body (only a tail shorter than one vector
+    moves: tests/test_precision.py), so low-precision parameters take the foreach kernels."""
+    if not params or torch.compiler.is_compiling():
+        return False
+    dtype = params[0].dtype
+    return dtype in FUSED_DTYPES and all(p.dtype == dtype for p in params)
+
+
 def _laid_out_alike(params, grads, bufs) -> bool:
     """Whether every gradient and buffer has its parameter's shape, strides, dtype and device:
     torch's fused kernel trusts its inputs' sizes (a smaller buffer is written past its end)
@@ -143,6 +162,14 @@ def _heavy_ball_fused(params, grads, bufs, *, lr: float, momentum: float, scale:
 
 
 # --------------------------------------------------------------------------- Adam with the 1/s^2 fold
+def state_like(param: torch.Tensor) -> torch.Tensor:
+    """A zero buffer for a moment of ``param``: float32 for float16/bfloat16 parameters (Adam's
+    ``(1 - beta2) g^2`` of a gradient of 1e-3 is 1e-9, zero in float16, and ``eps = 1e-8`` is
+    zero there too: the step would be ``m / 0``), else ``param``'s dtype."""
+    low = param.dtype in (torch.float16, torch.bfloat16)
+    return torch.zeros_like(param, dtype=torch.float32 if low else param.dtype)
+
+
 def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     """``sqrt(x)`` for ``x >= 0`` whose gradient at ``x = 0`` is 0 instead of infinite."""
     pos = x > 0
@@ -174,9 +201,13 @@ def adam(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[t
 def adam_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
           exp_avg_sqs: list[torch.Tensor], *, step: int, lr: float, scale: float = 1.0, beta1: float, beta2: float,
           eps: float, weight_decay: float = 0.0, foreach: bool = True) -> None:
-    """In place on existing (zero-initialised) moments, at step ``step >= 1``; the operations
-    and their order are ``torch.optim.Adam``'s (foreach or per tensor)."""
+    """In place on existing (zero-initialised, :func:`state_like`) moments, at step ``step >= 1``;
+    the operations and their order are ``torch.optim.Adam``'s (foreach or per tensor). Moments
+    wider than their parameters (float32 for float16/bfloat16) get the gradients in their dtype,
+    and the parameter update is computed in it and rounded once."""
     bc1, bc2_sqrt = 1 - beta1 ** step, math.sqrt(1 - beta2 ** step)
+    if any(m.dtype != g.dtype for m, g in zip(exp_avgs, grads)):
+        grads = [g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
     if foreach:
         if weight_decay:
             torch._foreach_mul_(params, 1 - lr * weight_decay)

@@ -31,7 +31,7 @@ import math
 import torch
 
 from ..config import check
-from .kernels import adam, adam_
+from .kernels import adam, adam_, state_like
 from .layerwise import at, batched_schedules, group_schedules, learned_schedules, overflow, schedule_lines, schedule_shapes
 from .rule import GroupState, GroupUpdate, GroupView, Rule
 
@@ -113,7 +113,7 @@ class LayerwiseAdamRule(Rule):
             if inplace:
                 for i in live:
                     if ms[i] is None:
-                        ms[i], vs[i] = torch.zeros_like(v.params[i]), torch.zeros_like(v.params[i])
+                        ms[i], vs[i] = state_like(v.params[i]), state_like(v.params[i])
                 adam_(ps, gs, [ms[i] for i in live], [vs[i] for i in live], lr=float(eta), scale=float(s),
                       foreach=v.foreach, **kw)
             else:
