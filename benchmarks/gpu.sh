@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU checks and figures in one short call (at most 8 minutes on one GPU), JSON under one folder:
+# GPU checks and figures in one short call (at most 8 minutes on one GPU: each step has a time
+# limit, 150 + 180 + 45 + 45 + 60 s), JSON under one folder:
 #   1. the CUDA test subset (pytest -m cuda)                      -> pytest_cuda.json
 #   2. meta-steps/s on the default spec (tasks/sine.toml), CPU (1 process at 1 thread; the
 #      default --jobs) against CUDA                                -> meta_rate.json
@@ -28,7 +29,7 @@ while [[ $# -gt 0 ]]; do
         --out) OUT="$2"; shift 2 ;;
         --out=*) OUT="${1#*=}"; shift ;;
         --quick) QUICK=1; shift ;;
-        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "gpu.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -80,7 +81,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run with a time limit, report its se
 set +e
 t0=$(date +%s)
 echo "== pytest -m cuda"
-timeout 240 "$PY" -m pytest "${PYTEST[@]}" 2>&1 | tee "$OUT/pytest_cuda.log" | tail -n 15
+timeout 150 "$PY" -m pytest "${PYTEST[@]}" 2>&1 | tee "$OUT/pytest_cuda.log" | tail -n 15
 rc=${PIPESTATUS[0]}
 set -e
 "$PY" - "$OUT" "$rc" "$(( $(date +%s) - t0 ))" <<'EOF'
@@ -96,9 +97,9 @@ if [[ $rc -ne 0 ]]; then echo "gpu.sh: pytest -m cuda failed (exit $rc); see $OU
 
 # 2-5. figures
 step meta_rate 180 "$PY" benchmarks/meta_rate.py --spec tasks/sine.toml "${META[@]}" --out "$OUT/meta_rate.json"
-step vmap_tasks 60 "$PY" benchmarks/vmap_tasks.py --device "$DEVICE" "${VMAP[@]}" --out "$OUT/vmap_tasks.json"
-step amp_adam 60 "$PY" benchmarks/amp_adam.py --device "$DEVICE" "${AMP[@]}" --out "$OUT/amp_adam.json"
-step step_cost 90 "$PY" benchmarks/step_cost_device.py --device "$DEVICE" "${STEP[@]}" --out "$OUT/step_cost.json"
+step vmap_tasks 45 "$PY" benchmarks/vmap_tasks.py --device "$DEVICE" "${VMAP[@]}" --out "$OUT/vmap_tasks.json"
+step amp_adam 45 "$PY" benchmarks/amp_adam.py --device "$DEVICE" "${AMP[@]}" --out "$OUT/amp_adam.json"
+step step_cost 60 "$PY" benchmarks/step_cost_device.py --device "$DEVICE" "${STEP[@]}" --out "$OUT/step_cost.json"
 
 "$PY" - "$OUT" "$DEVICE" "$(( $(date +%s) - start ))" <<'EOF'
 import json, sys

@@ -65,10 +65,22 @@ def usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def idle_cpus() -> int:
+    """Usable cores minus the 1-minute load average (rounded), at least 1: the cores nobody
+    else is running on, as far as the kernel's (lagging) average tells."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not Unix
+        load = 0.0
+    return max(1, usable_cpus() - int(load + 0.5))
+
+
 def default_jobs() -> int:
-    """The ``--jobs`` default: ``METASCALE_JOBS`` if set, else one process per usable core
-    (docs/benchmarks.md, throughput: on 2 cores, 2 one-thread processes ran meta-training
-    about 2x faster than 1 process, and several times faster than torch's default threads)."""
+    """The ``--jobs`` default: ``METASCALE_JOBS`` if set, else one process per idle core
+    (:func:`idle_cpus`). Results do not depend on the number of processes, so the default may
+    follow the machine: a second one-thread process on a free core adds its throughput, but
+    next to other CPU-bound work it only competes with it, and starting it costs seconds
+    (docs/benchmarks.md, throughput)."""
     env = os.environ.get("METASCALE_JOBS", "").strip()
     if env:
         try:
@@ -78,7 +90,7 @@ def default_jobs() -> int:
         if v < 1:
             raise ValueError(f"METASCALE_JOBS must be a positive integer, got {env!r}")
         return v
-    return usable_cpus()
+    return idle_cpus()
 
 
 def _positive(text: str) -> int:
@@ -99,9 +111,9 @@ def add_arguments(parser: argparse.ArgumentParser, what: str = "the independent 
                         help="torch intra-op threads per process (default: 1 on CPU, where tiny models run "
                              "fastest on one thread; torch's default on CUDA)")
     parser.add_argument("--jobs", type=_positive, metavar="N",
-                        help=f"local processes that share {what} (default: $METASCALE_JOBS, else one per CPU "
-                             f"core, at most one per {per}; 1 on CUDA); results are bit-for-bit those of one "
-                             "process at the same --threads")
+                        help=f"local processes that share {what} (default: $METASCALE_JOBS, else one per idle CPU "
+                             f"core, i.e. cores minus the load average, at most one per {per}; 1 on CUDA); results "
+                             "are bit-for-bit those of one process at the same --threads")
 
 
 def resolve(threads: int | None, jobs: int | None, device: Any = "cpu", limit: int | None = None) -> tuple[int | None, int]:

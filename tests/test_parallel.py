@@ -4,6 +4,7 @@ equals ``--jobs 1`` exactly, and the launcher stops every rank when one fails.""
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -112,7 +113,14 @@ def test_launch_stops_all_ranks_when_one_fails():
 
 def test_resolve_defaults(monkeypatch):
     monkeypatch.delenv("METASCALE_JOBS", raising=False)
-    assert parallel.resolve(None, None, "cpu") == (1, parallel.usable_cpus())
+    monkeypatch.setattr(parallel, "usable_cpus", lambda: 4)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.0, 0.0))
+    assert parallel.resolve(None, None, "cpu") == (1, 4)  # one process per idle core
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.6, 0.0, 0.0))
+    assert parallel.resolve(None, None, "cpu") == (1, 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert parallel.resolve(None, None, "cpu") == (1, 1)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     assert parallel.resolve(None, None, "cpu", limit=1) == (1, 1)
     assert parallel.resolve(None, None, "cuda:0") == (None, 1)
     assert parallel.resolve(3, 4, "cpu", limit=2) == (3, 2)
