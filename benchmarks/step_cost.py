@@ -25,6 +25,10 @@ the same call the optimizer makes), and the same step on a 16-wide copy of the M
 (``tiny_*``), where the whole step is the fixed per-step cost: Python, the per-group
 statistics and the tiny network. The JSON records the 1-minute load average before and after.
 
+The divergence guard (``check_finite``, on by default: one max-abs ``torch._foreach_norm`` over
+the updated parameters and one host sync per step) is timed as the difference between each
+metascale optimizer and the same optimizer with ``check_finite=False`` (``guard`` in the JSON).
+
     python benchmarks/step_cost.py [--width 1584] [--repeats 80] [--threads 1 0]
 """
 from __future__ import annotations
@@ -45,6 +49,8 @@ from optimizer_memory import ROOT, make_mlp, make_optimizer
 
 OPTIMIZERS = ("sgd_momentum", "adam", "adaptive", "adaptive_momentum", "layerwise")
 BASE = "sgd_momentum"
+GUARDED = ("adaptive", "adaptive_momentum", "layerwise")
+"""Also timed with the divergence guard off (``check_finite=False``): the guard's cost."""
 
 
 def build(name: str, width: int, grads: list[torch.Tensor] | None, seed: int = 0):
@@ -95,6 +101,10 @@ def run_pass(width: int, threads: int, repeats: int, warmup: int, flush_mib: int
         opt, _ = build(name, width, grads)
         opts[name] = opt
         timed[name] = opt.step
+    for name in GUARDED:  # the same optimizer without the divergence guard
+        opt, _ = build(name, width, grads)
+        opt.check_finite = False
+        timed[f"{name}.unguarded"] = opt.step
     for name in ("adaptive", "adaptive_momentum"):
         for _ in range(warmup):
             opts[name].step()  # state and last_step_size exist before the parts are built
@@ -133,8 +143,14 @@ def run_pass(width: int, threads: int, repeats: int, warmup: int, flush_mib: int
         parts["step"] = med[name] * 1e3
         parts["tiny-model step (fixed cost)"] = med[f"tiny_{name}"] * 1e3
         breakdown[name] = parts
+    guard = {}
+    for name in GUARDED:
+        paired = [a - b for a, b in zip(times[name], times[f"{name}.unguarded"])]
+        guard[name] = {"step_ms": med[name] * 1e3, "unguarded_ms": med[f"{name}.unguarded"] * 1e3,
+                       "guard_ms_paired_median": statistics.median(paired) * 1e3,
+                       "guard_fraction_of_step": statistics.median(paired) / med[name]}
     return {"threads": threads, "repeats": repeats, "flush_mib": flush_mib, "rows": rows, "breakdown_ms": breakdown,
-            "params": sum(s.numel() for s in shapes)}
+            "guard": guard, "params": sum(s.numel() for s in shapes)}
 
 
 def main() -> None:
@@ -165,6 +181,10 @@ def main() -> None:
         for name, parts in ps["breakdown_ms"].items():
             print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in parts.values()) + " |")
         print(f"tiny (16-wide) sgd_momentum step: {ps['rows']['tiny_sgd_momentum']['median_ms']:.3f} ms")
+        print("divergence guard (check_finite, default on): step with and without, median ms; paired difference")
+        for name, g in ps["guard"].items():
+            print(f"| {name} | {g['step_ms']:.2f} | {g['unguarded_ms']:.2f} | {g['guard_ms_paired_median']:+.2f} "
+                  f"({100 * g['guard_fraction_of_step']:+.1f}% of the step) |")
     result = {"command": " ".join(["python benchmarks/step_cost.py", *sys.argv[1:]]), "torch": torch.__version__,
               "machine": platform.machine(), "cpus": os.cpu_count(), "default_threads": default_threads,
               "width": args.width, "wall_s": round(time.time() - t_start, 1),
