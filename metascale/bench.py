@@ -9,8 +9,10 @@
 evaluation seed. AdamW tunes its learning rate at weight decay ``1e-2``, then the weight decay
 in ``{0, 1e-1}`` at that rate (kept if it lowers the tuning loss). ``prodigy`` is
 learning-rate free and runs at its intended ``lr = 1`` (a one-point grid is not tuned). The
-tuned values and AdamW's evaluation runs are cached in a JSON file, keyed by the task's
-fingerprint (task, grids, tuning seed), so re-benchmarking another optimizer never re-tunes.
+tuned values and every finished evaluation run (AdamW's, and each benchmarked optimizer's,
+keyed by its settings or, for a file, its SHA-256) are cached in a JSON file per suite, under
+the task's fingerprint (task, grids, tuning seed): re-benchmarking another optimizer never
+re-tunes, and an interrupted or repeated benchmark runs only what is missing.
 A grid optimum at the grid's edge is flagged (``at_grid_edge``) in the cache.
 
 **Metrics** (Celo, VeLOdrome). The validation loss ``L`` is measured at ``0`` and at
@@ -221,7 +223,12 @@ def summarize(runs: dict[str, list[dict]], refs: dict[str, list[dict]]) -> dict:
 
 # --- tuning cache -------------------------------------------------------------------------------
 
-def _key(opt: dict) -> str:
+def run_key(opt: dict) -> str:
+    """The cache key of an optimizer's runs: a baseline's settings, an exported file's SHA-256
+    (so a file changed in place is run again)."""
+    if "file" in opt:
+        import hashlib
+        return json.dumps({"file_sha256": hashlib.sha256(Path(opt["file"]).read_bytes()).hexdigest()})
     return json.dumps(opt, sort_keys=True)
 
 
@@ -342,8 +349,9 @@ def bench(target: str, suite: str = "small", *, seeds: Iterable[int] = DEFAULT_S
             e["tuned"].get("adamw", {}).pop("_best", None)
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         cache_path.write_text(json.dumps(store, indent=1))
-    # phase 3: AdamW's reference runs (cached) and the target's runs on the evaluation seeds
+    # phase 3: AdamW's reference runs and the target's runs on the evaluation seeds (both cached)
     eval_items, slots = [], []
+    runs: dict[str, dict[int, dict]] = {t.name: {} for t in tasks}
     for t in tasks:
         ref = entries[t.name]["reference"]
         adam_opt = entries[t.name]["tuned"]["adamw"]["opt"]
@@ -356,17 +364,22 @@ def bench(target: str, suite: str = "small", *, seeds: Iterable[int] = DEFAULT_S
                 bar.update(1)
             if opt != {"baseline": "adamw"}:
                 o = entries[t.name]["tuned"][opt["baseline"]]["opt"] if "baseline" in opt else opt
-                eval_items.append({"task": t, "split": "test", "seed": s, "opt": o})
-                slots.append(("run", t.name, s))
+                done = entries[t.name].setdefault("runs", {}).get(run_key(o), {})
+                if str(s) in done:
+                    runs[t.name][s] = done[str(s)]
+                    bar.update(1)
+                else:
+                    eval_items.append({"task": t, "split": "test", "seed": s, "opt": o})
+                    slots.append(("run", t.name, s))
     results = _map(eval_items, jobs, bar) if eval_items else []
     bar.close()
-    runs: dict[str, dict[int, dict]] = {t.name: {} for t in tasks}
     for (kind, tname, s), r in zip(slots, results):
         if kind == "ref":
             entries[tname]["reference"][str(s)] = r
         else:
             runs[tname][s] = r
-    if any(k == "ref" for k, _, _ in slots):
+            entries[tname]["runs"].setdefault(run_key(r["opt"]), {})[str(s)] = r
+    if slots:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         cache_path.write_text(json.dumps(store, indent=1))
     refs = {t.name: [entries[t.name]["reference"][str(s)] for s in seeds] for t in tasks}

@@ -99,6 +99,9 @@ def test_bench_tunes_once_then_reuses_the_cache(tiny, tmp_path, capsys):
         assert row["normalised_loss"] == pytest.approx(sorted(row["normalised_losses"])[0] / 2 + sorted(row["normalised_losses"])[1] / 2)
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["iris.png", "lm.png", "summary.png"]
     tiny.clear()
+    again = B.bench(str(FIXTURE), "tiny", seeds=[0, 1], cache=cache, progress=False)
+    assert tiny == [] and again["tasks"]["lm"]["runs"] == r["tasks"]["lm"]["runs"]  # finished runs are cached too
+    tiny.clear()
     B.bench("sgd_momentum", "tiny", seeds=[0], cache=cache, progress=False)
     assert len(tiny) == 2 * 2 + 2  # its own grid, then its runs; AdamW untouched
     assert "sgd_momentum" in json.loads(cache.read_text())["tasks"]["iris"]["tuned"]
