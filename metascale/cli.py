@@ -322,6 +322,17 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  {k}: {v}")
     for line in rule.describe(exp.meta, exp.config, exp.horizon):
         print(line)
+    nt = exp.summary.get("never_trained")
+    if not isinstance(nt, dict):
+        print("never-trained meta-parameters: not recorded (a file written before they were tracked, or an "
+              "ES/PES estimator)")
+    else:
+        untouched = sum(nt.get("entries", {}).values())
+        print(f"never-trained meta-parameters: {untouched} of {sum(nt.get('sizes', {}).values())} entries received "
+              "no meta-gradient" + (f"; (role, depth) anchors never reached: " + ", ".join(
+                  f"{a['role']} depth {a['depth']:.2f}" for a in nt["anchors"]) + " (models with a layer there "
+                  "get their untrained values; load_optimizer warns)" if nt.get("anchors") else
+                  "; every (role, depth) anchor was reached"))
     return 0
 
 

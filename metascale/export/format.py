@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -37,7 +38,7 @@ from safetensors.torch import save_file
 
 from ..config import from_table, to_dict
 from ..errors import ExportFormatError, SpecError
-from ..optim import MAPPING_RULE, RULES, LearnedOptimizer, rule_for
+from ..optim import MAPPING_RULE, RULES, GroupInfo, LearnedOptimizer, anchor_weights, group_infos, rule_for
 from ..safeio import clip_text, read_safetensors
 from ..spec import MAX_HORIZON
 
@@ -184,12 +185,16 @@ def read_optimizer(path: str | Path) -> ExportedOptimizer:
                              group_mapping=mapping, horizon=horizon)
 
 
-def load_optimizer(path: str | Path, params: Iterable[torch.Tensor], *, lr: float = 1.0,
-                   foreach: bool | None = None, total_steps: int | None = None) -> torch.optim.Optimizer:
+def load_optimizer(path: str | Path, params: Iterable, *, lr: float = 1.0,
+                   foreach: bool | None = None, total_steps: int | None = None,
+                   **options) -> torch.optim.Optimizer:
     """Load an exported optimizer for ``params`` (any model: groups are matched by role and
     relative depth). ``lr`` multiplies every learned step size (for LR schedulers).
     ``total_steps`` is your training budget ``T`` (default: the meta-training horizon), for
-    rules that read the fraction of training done.
+    rules that read the fraction of training done. ``options``: ``weight_decay``, ``maximize``,
+    ``check_finite`` (:class:`~metascale.optim.LearnedOptimizer`). Warns once when a group of
+    this model maps onto (role, depth) anchors that meta-training never reached (the file's
+    ``summary["never_trained"]``, shown by ``metascale info``).
 
     Example::
 
@@ -201,5 +206,27 @@ def load_optimizer(path: str | Path, params: Iterable[torch.Tensor], *, lr: floa
     if total_steps is not None and (not isinstance(total_steps, int) or isinstance(total_steps, bool)
                                     or total_steps < 1):
         raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
-    return LearnedOptimizer(params, exp.meta, exp.config, total_steps=total_steps or exp.horizon, lr=lr,
-                            foreach=foreach)
+    opt = LearnedOptimizer(params, exp.meta, exp.config, total_steps=total_steps or exp.horizon, lr=lr,
+                           foreach=foreach, **options)
+    hit = groups_on_untrained(exp.summary, group_infos(opt))
+    if hit:
+        warnings.warn(f"{path}: {len(hit)} parameter group(s) of this model ({'; '.join(hit[:4])}"
+                      f"{'; ...' if len(hit) > 4 else ''}) map onto (role, depth) anchors that meta-training never "
+                      "reached: their learned values there are the untrained initial ones (metascale info lists "
+                      "them)", UserWarning, stacklevel=2)
+    return opt
+
+
+def groups_on_untrained(summary: dict, infos: list[GroupInfo]) -> list[str]:
+    """``"role layer i of L (depth d)"`` for every group whose depth interpolation gives weight to
+    an anchor that ``summary["never_trained"]`` lists for its role."""
+    nt = summary.get("never_trained") if isinstance(summary, dict) else None
+    if not isinstance(nt, dict) or not nt.get("anchors") or not isinstance(nt.get("depth_bins"), int):
+        return []
+    dead = {(a.get("role"), a.get("anchor")) for a in nt["anchors"] if isinstance(a, dict)}
+    out = []
+    for info in infos:
+        w = anchor_weights(info.depth, nt["depth_bins"])
+        if any(w[b] > 0 and (info.role, b) in dead for b in range(len(w))):
+            out.append(f"{info.role} layer {info.layer} of {info.num_layers} (depth {info.depth:.2f})")
+    return out

@@ -25,6 +25,7 @@ from ..inner.func_engine import unroll_func
 from ..inner.higher_engine import unroll
 from ..losses import LossConfig, make_loss
 from ..optim import RULES, rule_for, sgd_config
+from ..optim.rule import never_trained
 from ..spec import LEARN, MetaConfig
 from ..tasks.base import mix_seed
 from .checkpoint import open_metrics, restore, run_identity, save_checkpoint, snapshot
@@ -144,6 +145,11 @@ class MetaTrainer:
         rule = spec.rule_config(self.rule) if learn_opt else sgd_config(self.inner_lr)
         the_rule = rule_for(rule)
         meta = the_rule.init_meta(rule, spec.inner.horizon, seed=self.seed, device=self.device)
+        untouched = {k: v.clone() for k, v in meta.items()}
+        # entries that ever received a non-zero meta-gradient (backprop estimators: ES/PES give
+        # every entry noise, so nothing is tracked there)
+        touched = {k: torch.zeros_like(v, dtype=torch.bool) for k, v in meta.items()} \
+            if learn_opt and cfg.estimator in ("backprop", "truncated") else None
         loss_fn = make_loss(sampler.task(0).kind, self.loss_config, seed=self.seed).to(self.device) if learn_loss else None
         params, groups = [], []
         if learn_opt:
@@ -168,6 +174,8 @@ class MetaTrainer:
         run = run_identity(spec.to_dict(), self.seed, self.learn, rule, self.loss_config if learn_loss else None,
                            self.inner_lr)
         skipped, history, start, elapsed = 0, [], 0, 0.0
+        # the selection measure of the untrained meta-parameters: the "before" of the summary line
+        untrained_sel = self._select(select, meta, rule, loss_fn, 0, None)[0] if select is not None else None
         if resume:  # every rank loads it: same meta-parameters and Adam state everywhere
             ck = restore(checkpoint_path, run, meta, loss_fn, adam, self.steps)
             skipped, history, start, elapsed = ck.skipped, ck.history, ck.step, ck.elapsed_s
@@ -208,6 +216,9 @@ class MetaTrainer:
                 gnorm = None
                 if n_ok:  # none finite: no Adam step, meta-parameters and Adam state untouched
                     mean, gnorm = clipped_mean(grads, n_ok, cfg.clip)
+                    if touched is not None:
+                        for t, g in zip(touched.values(), mean):
+                            t |= g.view_as(t) != 0
                     for v, g in zip(params, mean):
                         v.grad = g.to(v.dtype)
                     adam.step()
@@ -249,6 +260,12 @@ class MetaTrainer:
                    "rule": self.rule if learn_opt else None}
         if best is not None:
             summary["selected_meta_step"], summary["selection_loss"] = best[0], best[1]
+            summary["selection_loss_untrained"] = untrained_sel
+        if touched is not None:
+            if resume:  # steps before the checkpoint: an entry Adam moved had a non-zero meta-gradient
+                for k, t in touched.items():
+                    t |= meta[k].detach() != untouched[k]
+            summary["never_trained"] = never_trained(the_rule, {k: t.cpu() for k, t in touched.items()})
         if resume:
             summary["resumed_from_meta_step"] = start
         if loss_fn is not None:

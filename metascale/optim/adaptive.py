@@ -312,6 +312,10 @@ class AdaptiveRule(Rule):
         bad = [k for k, v in stats.items() if v < 0]
         return f"{bad[0]} = {stats[bad[0]]!r} is a mean square; expected >= 0" if bad else None
 
+    def anchor_axes(self, meta):
+        """The offset table ``(output, role, depth anchor, step)``; the network is shared."""
+        return {TABLE: (1, 2)} if TABLE in meta else {}
+
     def meta_groups(self, meta, lr, net_lr):
         """The output offsets ``b_2`` and the table are log step sizes and scales like the static
         rule's (``lr``); the weights that read the features move slower (``net_lr``)."""

@@ -171,6 +171,9 @@ class LayerwiseRule(Rule):
     def check_meta(self, meta, config):
         return overflow(meta)
 
+    def anchor_axes(self, meta):
+        return {k: (0, 1) for k in META_NAMES}
+
     def learned(self, meta):
         return learned_schedules(meta)
 

@@ -83,6 +83,9 @@ class LayerwiseAdamRule(Rule):
     def check_meta(self, meta, config):
         return overflow(meta)
 
+    def anchor_axes(self, meta):
+        return {"log_step_size": (0, 1), "log_scale": (0, 1)}
+
     def learned(self, meta):
         return learned_schedules(meta)
 

@@ -136,6 +136,12 @@ class Rule:
         (``None``: nothing), e.g. a negative mean square."""
         return None
 
+    def anchor_axes(self, meta: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+        """The meta-parameter tensors that hold entries per (role, depth anchor), each with the
+        axes of role and anchor (``{}``: none, e.g. a network shared by every layer). Meta-training
+        records which anchors never received a meta-gradient (:func:`never_trained`)."""
+        return {}
+
     def learned(self, meta: dict[str, torch.Tensor]) -> dict | None:
         """The learned values worth a line of ``metrics.jsonl`` per meta-step (``None``: none
         that do not depend on the training state)."""
@@ -186,3 +192,26 @@ def write_group_state(rule: Rule, param_states: list[dict], state: GroupState) -
     for st in param_states:
         st["step"] = state.step
     param_states[0].update(state.stats)
+
+
+def never_trained(rule: Rule, touched: dict[str, torch.Tensor]) -> dict:
+    """What meta-training never reached, from ``touched`` (per meta-parameter tensor, whether each
+    entry ever received a non-zero meta-gradient): the count of untouched entries per tensor, and
+    the (role, depth anchor) pairs none of whose entries in :meth:`Rule.anchor_axes` was touched
+    (e.g. the middle anchor of three when every meta-training model had two layers). JSON-able,
+    for the export summary; :func:`metascale.export.load_optimizer` warns when a model maps there."""
+    from .groups import ROLES
+    out = {"entries": {k: int((~t).sum()) for k, t in touched.items()},
+           "sizes": {k: t.numel() for k, t in touched.items()}, "anchors": [], "depth_bins": None}
+    axes = rule.anchor_axes(touched)
+    reached = None
+    for k, (ra, ba) in axes.items():
+        per = touched[k].movedim((ra, ba), (0, 1))
+        per = per.reshape(per.shape[0], per.shape[1], -1).any(-1)
+        reached = per if reached is None else reached | per
+    if reached is not None:
+        bins = reached.shape[1]
+        out["depth_bins"] = bins
+        out["anchors"] = [{"role": ROLES[r], "anchor": b, "depth": b / (bins - 1) if bins > 1 else 0.0}
+                          for r in range(reached.shape[0]) for b in range(bins) if not reached[r, b]]
+    return out
