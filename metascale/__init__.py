@@ -22,7 +22,7 @@ _LAZY = {
     "load_loss": "export", "save_loss": "export",
     "MetaTrainer": "meta",
     "AdaptiveConfig": "optim", "LayerwiseConfig": "optim", "LearnedOptimizer": "optim", "RULES": "optim",
-    "load_spec": "spec",
+    "load_spec": "spec", "custom_spec": "interop.custom",
 }
 
 __all__ = ["CheckpointError", "ExportFormatError", "MetascaleError", "MissingExtraError", "SpecError",

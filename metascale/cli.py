@@ -267,7 +267,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     json_path = _path_arg("--json", args.json)
     if json_path is not None:  # before any work: an unwritable path fails now, not after the evaluation
         _check_writable_file("--json", json_path)
-    spec = load_spec(args.spec)
+    spec = load_spec(args.spec) if args.spec else stored_spec(args.file)
     T = eval_steps(spec, args.steps)
     baselines = None
     if args.baselines:
@@ -304,6 +304,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         _write_json(json_path, result)
         print(f"wrote {json_path}")
     return 0
+
+
+def stored_spec(file: str):
+    """The spec an exported optimizer or loss file was meta-trained on, to draw its tasks."""
+    from .export import file_format, read_loss, read_optimizer
+    from .spec import EXTERNAL, is_import_path, spec_from_dict
+    exp = read_loss(file) if file_format(file) == "metascale.loss" else read_optimizer(file)
+    family = exp.spec.get("family") if isinstance(exp.spec.get("family"), dict) else {}
+    name = family.get("name")
+    if name == EXTERNAL:
+        raise MetascaleError(f"{file}: its tasks were drawn outside metascale ({family.get('source', '?')}); "
+                             "evaluate from Python with the same spec (metascale.evaluate.evaluate), or give --spec")
+    if is_import_path(name):
+        raise MetascaleError(f"{file}: its stored spec names the family {name!r} by import path, and metascale "
+                             "imports no module a file names: give --spec (the TOML that names it)")
+    spec = spec_from_dict(exp.spec, str(exp.spec.get("name", "stored")), f"{file}: stored spec")
+    print(f"spec: the one stored in {file} ({spec.name})")
+    return spec
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -411,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--baselines", help="comma-separated baselines from sgd, sgd_momentum, adam, adafactor, prodigy, "
                                        "schedulefree_adamw, or all (default: the spec's [evaluate] baselines; "
                                        "prodigy/schedulefree need pip install 'metascale[baselines]')")
-    e.add_argument("--spec", required=True, help="task-distribution spec whose meta-test draws are used")
+    e.add_argument("--spec", help="task-distribution spec whose meta-test draws are used (default: the spec "
+                                  "stored in FILE, the one it was meta-trained on)")
     e.add_argument("--tasks", type=_int_in(1, _cap(EvaluateConfig, "tasks")),
                    help="held-out tasks N (default: the spec's [evaluate] tasks)")
     e.add_argument("--steps", type=_int_in(1, _cap(EvaluateConfig, "steps")),

@@ -18,7 +18,10 @@ key and the allowed values.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import math
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -204,10 +207,12 @@ class Spec:
         if self.family_name == EXTERNAL:
             raise SpecError(f"spec {self.name!r} records tasks drawn outside metascale ({self.family}); "
                             "draw them with the sampler they came from (metascale.interop)")
-        if self.family_name not in FAMILIES:
-            raise SpecError(f"spec {self.name!r}: task family {self.family_name!r} is not registered in this "
-                            f"process (metascale.tasks.FAMILIES); register it before drawing its tasks")
-        return FAMILIES[self.family_name][0](self.family)
+        if self.family_name in FAMILIES:
+            return FAMILIES[self.family_name][0](self.family)
+        if is_import_path(self.family_name) and not isinstance(self.family, dict):  # validated when loaded
+            return import_family(self.family_name)[0](self.family)
+        raise SpecError(f"spec {self.name!r}: task family {self.family_name!r} is not registered in this "
+                        f"process (metascale.tasks.FAMILIES); register it before drawing its tasks")
 
     def sampler(self, split: str, seed: int) -> TaskSampler:
         """Task sampler of ``split`` (``"train"`` or ``"test"``) with the inner batch size."""
@@ -243,19 +248,64 @@ def spec_from_dict(data: dict, name: str, where: str, path: str | None = None, *
     family = dict(data.get("family") or {})
     fname = family.pop("name", None)
     opaque = fname == EXTERNAL or (unknown_family_ok and isinstance(fname, str) and fname not in FAMILIES)
-    if not opaque and (not isinstance(fname, str) or fname not in FAMILIES):
+    entry = FAMILIES.get(fname) if isinstance(fname, str) else None
+    if not opaque and entry is None and is_import_path(fname):  # never for a stored spec (unknown_family_ok)
+        entry = import_family(fname, Path(path).parent if path else None, f"{where} [family]")
+    if not opaque and entry is None:
         raise SpecError(f"{where} [family]: name = {fname!r} is not allowed; expected one of "
-                        + ", ".join(repr(f) for f in FAMILIES))
+                        + ", ".join(repr(f) for f in FAMILIES) + ", or an import path 'package.module:Family'")
     description = data.get("description", "")
     if not isinstance(description, str):
         raise SpecError(f"{where}: description must be a string")
     return Spec(name=name, description=description, family_name=fname,
-                family=family if opaque else from_table(FAMILIES[fname][1], family, f"{where} [family]"),
+                family=family if opaque else from_table(entry[1], family, f"{where} [family]"),
                 inner=from_table(InnerConfig, data.get("inner"), f"{where} [inner]"),
                 meta=from_table(MetaConfig, data.get("meta"), f"{where} [meta]"),
                 evaluate=from_table(EvaluateConfig, data.get("evaluate"), f"{where} [evaluate]"),
                 rules={t: from_table(cls, data.get(t), f"{where} [{t}]") for t, cls in spec_tables().items()},
                 path=path)
+
+
+def is_import_path(name: Any) -> bool:
+    """Whether a family name is an import path ``"package.module:Name"``."""
+    return isinstance(name, str) and name.count(":") == 1 and all(
+        part and all(p.isidentifier() for p in part.split(".")) for part in name.split(":"))
+
+
+@functools.lru_cache(maxsize=None)
+def import_family(name: str, folder: Path | None = None, where: str = "[family]") -> tuple[type, type]:
+    """``(family class, config class)`` of the import path ``name = "package.module:Name"``:
+    ``importlib.import_module("package.module")``, then attribute ``Name``, a family class (the
+    :class:`~metascale.tasks.base.TaskFamily` protocol, built from its config) whose
+    ``config_type`` is the config dataclass of its ``[family]`` table. A top-level module not found
+    on ``sys.path`` is looked for again in the current folder and the spec file's folder (added to
+    ``sys.path``, as ``python -m`` would). No ``exec``; only a spec you load imports (a family named
+    in an exported file's stored spec is never imported)."""
+    module, attr = name.split(":")
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module.split(".")[0]:
+            raise SpecError(f"{where}: importing {module!r} failed: {e}") from None
+        for extra in (str(Path.cwd()), *([str(folder.resolve())] if folder else [])):
+            if extra not in sys.path:
+                sys.path.append(extra)
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError:
+            raise SpecError(f"{where}: name = {name!r}: no module {module!r} on the import path, the current "
+                            "folder or the spec's folder") from None
+    obj = mod
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise SpecError(f"{where}: name = {name!r}: module {module!r} has no {attr!r}")
+    config = getattr(obj, "config_type", None)
+    if not (isinstance(obj, type) and dataclasses.is_dataclass(config) and callable(getattr(obj, "sample", None))
+            and callable(getattr(obj, "build", None))):
+        raise SpecError(f"{where}: name = {name!r} must be a task family class with sample(g, split), "
+                        "build(config, g, batch_size) and config_type = its config dataclass")
+    return obj, config
 
 
 def load_spec(path: str | Path) -> Spec:
