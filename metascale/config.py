@@ -6,7 +6,8 @@ A config field declares what it accepts in its ``metadata``::
 
 Kinds: ``int``, ``float``, ``bool``, ``str`` (with ``choices``), ``interval`` (a pair
 ``[lo, hi]`` with ``lo <= hi`` inside the bounds), ``int_list`` (a list of ints inside the
-bounds), ``str_list`` (a non-empty list of distinct strings, each one of ``choices``).
+bounds), ``str_list`` (a non-empty list of distinct strings, each one of ``choices`` when
+given).
 :func:`from_table` rejects unknown keys and out-of-range values with a
 :class:`~metascale.errors.SpecError` that names the key and what is allowed.
 """
@@ -31,7 +32,8 @@ def _allowed(meta: dict) -> str:
     if kind == "str":
         return "one of " + ", ".join(repr(c) for c in choices)
     if kind == "str_list":
-        return "a non-empty list of distinct values from " + ", ".join(repr(c) for c in choices)
+        return "a non-empty list of distinct " + ("values from " + ", ".join(repr(c) for c in choices)
+                                                   if choices else "names")
     if kind == "bool":
         return "true or false"
     rng = f"[{lo}, {hi}]"
@@ -73,7 +75,7 @@ def _convert(value: Any, meta: dict) -> Any:
         return value
     if kind == "str_list":
         if (not isinstance(value, (list, tuple)) or not value
-                or not all(isinstance(x, str) and x in meta["choices"] for x in value)
+                or not all(isinstance(x, str) and (x in meta["choices"] or not meta["choices"]) for x in value)
                 or len(set(value)) != len(value)):
             raise ValueError
         return tuple(value)

@@ -30,21 +30,23 @@ def _value(v) -> str:
     return repr(v)
 
 
-def dump_toml(data: dict) -> str:
-    """A minimal TOML writer for spec dicts (top-level scalars, then one level of tables)."""
+def dump_toml(data: dict, prefix: str = "") -> str:
+    """A minimal TOML writer for spec dicts (scalars, then nested tables as [a.b])."""
     lines = [f"{k} = {_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
     for k, v in data.items():
         if isinstance(v, dict):
-            lines.append(f"\n[{k}]")
-            lines.extend(f"{kk} = {_value(vv)}" for kk, vv in v.items())
+            lines.append(f"\n[{prefix}{k}]")
+            lines.append(dump_toml(v, f"{prefix}{k}.").rstrip("\n"))
     return "\n".join(lines) + "\n"
 
 
 def tiny_copy(path: Path, tmp: Path) -> Path:
     data = tomllib.loads(path.read_text())
     data.setdefault("inner", {})["steps"] = 3
+    data["inner"]["windows"] = min(data["inner"].get("windows", 1), 2)
     data.setdefault("meta", {}).update(batch_size=2, steps=2)
     data.setdefault("evaluate", {}).update(tasks=3, tune_tasks=2, points_per_decade=1)
+    data["evaluate"].pop("steps", None)  # T = the (shrunk) meta-training horizon
     out = tmp / path.name
     out.write_text(dump_toml(data))
     return out
@@ -52,7 +54,8 @@ def tiny_copy(path: Path, tmp: Path) -> Path:
 
 def test_every_family_has_a_shipped_spec():
     assert {load_spec(p).family_name for p in SHIPPED} == {"sine", "teacher_mlp", "quadratic", "gaussian_mixture",
-                                                            "digits", "mnist", "mnist_1d", "tabular", "char_lm"}
+                                                            "digits", "mnist", "mnist_1d", "tabular", "char_lm",
+                                                            "mixture"}
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
@@ -74,8 +77,9 @@ def test_shipped_spec_meta_trains_and_evaluates(path, tmp_path, capsys):
                  "--json", str(tmp_path / "eval.json")]) == 0
     result = json.loads((tmp_path / "eval.json").read_text())
     assert set(result["optimizers"]) == {"learned", "sgd", "sgd_momentum", "adam"}
+    T = load_spec(spec).inner.horizon  # evaluated over the meta-training horizon
     for row in result["optimizers"].values():
-        assert len(row["final_losses"]) == 3 and len(row["median_curve"]) == 4
+        assert len(row["final_losses"]) == 3 and len(row["median_curve"]) == T + 1
     out = capsys.readouterr().out
     assert "learned" in out and "steps to Adam" in out
 

@@ -17,6 +17,7 @@ from .mnist import MnistConfig, MnistFamily
 from .mnist_1d import Mnist1DConfig, Mnist1DFamily
 from .tabular import TabularConfig, TabularFamily
 from .char_lm import CharLMConfig, CharLMFamily
+from .mixture import MixtureConfig, MixtureFamily
 
 FAMILIES: dict[str, tuple[type, type]] = {
     "sine": (SineFamily, SineConfig),
@@ -28,6 +29,7 @@ FAMILIES: dict[str, tuple[type, type]] = {
     "mnist_1d": (Mnist1DFamily, Mnist1DConfig),
     "tabular": (TabularFamily, TabularConfig),
     "char_lm": (CharLMFamily, CharLMConfig),
+    "mixture": (MixtureFamily, MixtureConfig),
 }
 
 __all__ = [
