@@ -44,7 +44,7 @@ from typing import Iterable
 import torch
 
 from .bench_suites import SUITES, TUNE_SEED, BenchTask
-from .errors import MetascaleError, MissingExtraError
+from .errors import MetascaleError, MissingExtraError, install_hint
 
 EVAL_POINTS = 50
 BASELINE_NAMES = ("adamw", "sgd_momentum", "adafactor", "schedulefree_adamw", "prodigy")
@@ -434,7 +434,7 @@ def _plt():
     try:
         import matplotlib
     except ImportError:
-        raise MissingExtraError("--plots needs matplotlib: pip install 'metascale[report]'") from None
+        raise MissingExtraError(f"--plots needs matplotlib: {install_hint('report')}") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt

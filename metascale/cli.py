@@ -245,8 +245,14 @@ def _meta_train(args, spec, device, threads, jobs, out: Path, checkpoint: Path) 
     if size > 1:
         print(f"distributed over {size} processes (torch.distributed)")
     print(f"meta-trained {spec.name} for {s['meta_steps']} meta-steps in {s['wall_time_s']} s "
-          f"(meta-loss {s['first_meta_loss']} -> {s['final_meta_loss_avg_last_10pct']}, "
-          f"skipped tasks {s['skipped_tasks']})")
+          f"(skipped tasks {s['skipped_tasks']})")
+    fmt = lambda x: "-" if x is None else f"{x:.4g}"
+    if s.get("selection_loss") is not None:
+        print(f"  selection meta-loss ({spec.inner.objective} objective, {spec.meta.select_tasks} fixed meta-train "
+              f"draws, lower is better): untrained {fmt(s.get('selection_loss_untrained'))} -> exported "
+              f"{fmt(s['selection_loss'])} (meta-step {s['selected_meta_step']})")
+    print(f"  training meta-loss (each meta-step's own {spec.meta.batch_size} draws, so noisy): first meta-step "
+          f"{fmt(s['first_meta_loss'])}, mean of the last 10% {fmt(s['final_meta_loss_avg_last_10pct'])}")
     if "resumed_from_meta_step" in s:
         print(f"resumed from the checkpoint at meta-step {s['resumed_from_meta_step']}")
     if s["skipped_tasks"]:
@@ -428,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "an adaptive one); rows learned_<rule>")
     e.add_argument("--baselines", help="comma-separated baselines from sgd, sgd_momentum, adam, adafactor, prodigy, "
                                        "schedulefree_adamw, or all (default: the spec's [evaluate] baselines; "
-                                       "prodigy/schedulefree need pip install 'metascale[baselines]')")
+                                       "prodigy/schedulefree need the baselines extra: pip install -e '.[baselines]' in the "
+                                       "repository)")
     e.add_argument("--spec", help="task-distribution spec whose meta-test draws are used (default: the spec "
                                   "stored in FILE, the one it was meta-trained on)")
     e.add_argument("--tasks", type=_int_in(1, _cap(EvaluateConfig, "tasks")),

@@ -5,6 +5,12 @@ Every error caused by bad input (a spec, an exported file, a command-line argume
 """
 
 
+def install_hint(extra: str) -> str:
+    """How to install an optional extra: metascale is installed from its repository (there is no
+    ``metascale`` package on the package index, so ``pip install 'metascale[...]'`` fails)."""
+    return f"pip install -e '.[{extra}]' in the metascale repository (bash scripts/setup.sh installs every extra)"
+
+
 class MetascaleError(Exception):
     """Base class of every error metascale raises on purpose."""
 

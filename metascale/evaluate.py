@@ -36,8 +36,8 @@ def _extra(module: str, cls: str, extra: str):
     try:
         return getattr(importlib.import_module(module), cls)
     except ImportError:
-        from .errors import MissingExtraError
-        raise MissingExtraError(f"baseline needs the {module!r} package: pip install 'metascale[{extra}]'") from None
+        from .errors import MissingExtraError, install_hint
+        raise MissingExtraError(f"baseline needs the {module!r} package: {install_hint(extra)}") from None
 
 
 def _prodigy(params, lr: float) -> torch.optim.Optimizer:

@@ -22,7 +22,7 @@ into ``out`` (default: the run folder):
 The schedule plot reads ``group["last_step_size"]`` and ``group["last_scale"]`` after every
 ``opt.step()`` of the loaded optimizer instead of recomputing the schedules from the
 meta-parameters, so it shows what any rule does, also one whose factors depend on the
-training state. matplotlib (``pip install 'metascale[report]'``) is imported only here, and
+training state. matplotlib (the ``report`` extra: ``pip install -e '.[report]'`` in the repository, or ``bash scripts/setup.sh``) is imported only here, and
 only its Agg canvas is used (no pyplot, no global backend switch).
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MetascaleError, MissingExtraError
+from .errors import MetascaleError, MissingExtraError, install_hint
 
 METRICS, OPTIMIZER, LOSS, EVAL = "metrics.jsonl", "optimizer.safetensors", "loss.safetensors", "eval.json"
 MARKDOWN = "report.md"
@@ -212,7 +212,7 @@ def _figure(**kw):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise MissingExtraError("metascale report needs matplotlib: pip install 'metascale[report]'") from None
+        raise MissingExtraError(f"metascale report needs matplotlib: {install_hint('report')}") from None
     fig = Figure(**kw)
     FigureCanvasAgg(fig)
     return fig
@@ -655,7 +655,7 @@ def make_report(run_dir: str | Path, out: str | Path | None = None, *, progress:
     Raises:
         MetascaleError: missing folder, missing or unreadable ``metrics.jsonl``, an unreadable
             exported file or ``eval.json``, ``out`` that is a file.
-        MissingExtraError: matplotlib is not installed (``pip install 'metascale[report]'``).
+        MissingExtraError: matplotlib is not installed (the ``report`` extra).
     """
     from tqdm.auto import tqdm
 

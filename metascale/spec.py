@@ -323,8 +323,13 @@ def load_spec(path: str | Path) -> Spec:
 
 
 def default_spec_dir() -> Path:
-    """``./tasks`` if it exists, else the ``tasks/`` folder next to the installed package."""
+    """``./tasks`` if it exists, else the ``tasks/`` folder of the clone the package runs from
+    (an editable install), else the specs installed with the package (``pip install .`` puts them
+    in ``<prefix>/share/metascale/tasks``)."""
     here = Path("tasks")
     if here.is_dir():
         return here
-    return Path(__file__).resolve().parent.parent / "tasks"
+    clone = Path(__file__).resolve().parent.parent / "tasks"
+    if clone.is_dir():
+        return clone
+    return Path(sys.prefix) / "share" / "metascale" / "tasks"

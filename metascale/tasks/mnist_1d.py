@@ -9,7 +9,7 @@ std 1 over all rows) and seeds numpy's global RNG (its ``set_seed``); the result
 process, so that happens once. Models: MLP, residual MLP, 1-D CNN, GRU
 (:func:`metascale.tasks.nets.classifier`).
 
-Needs mnist1d (``pip install 'metascale[data]'``), imported only when data is needed.
+Needs mnist1d (the ``data`` extra: ``pip install -e '.[data]'`` in the repository, or ``bash scripts/setup.sh``), imported only when data is needed.
 """
 from __future__ import annotations
 

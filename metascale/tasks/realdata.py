@@ -21,12 +21,12 @@ import importlib
 import torch
 
 from ..config import check
-from ..errors import MissingExtraError
+from ..errors import MissingExtraError, install_hint
 from .base import ACTIVATIONS, generator, mix_seed, randint
 from . import reparam
 from .nets import MODELS
 
-EXTRA_HINT = "pip install 'metascale[data]' (or bash scripts/setup.sh, which installs it)"
+EXTRA_HINT = install_hint("data")
 
 
 def require(module: str, family: str):

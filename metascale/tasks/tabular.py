@@ -8,7 +8,7 @@ set, the rest the training pool. Features are standardised with the training poo
 standard deviation (``(x - mu) / sd``, ``sd`` of 0 taken as 1), the same ``mu, sd`` applied to
 the validation set. Models: MLP or residual MLP (:func:`metascale.tasks.nets.classifier`).
 
-Needs scikit-learn (``pip install 'metascale[data]'``), imported only when data is needed.
+Needs scikit-learn (the ``data`` extra: ``pip install -e '.[data]'`` in the repository, or ``bash scripts/setup.sh``), imported only when data is needed.
 """
 from __future__ import annotations
 
