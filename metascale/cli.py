@@ -360,6 +360,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrained(args: argparse.Namespace) -> int:
+    """List the pretrained optimizers that ship with metascale: load one with
+    metascale.load_optimizer("NAME", model.parameters()); any command that takes an optimizer
+    file takes its name."""
+    from .pretrained import catalog
+    for name, e in catalog().items():
+        print(f"{name}  (rule {e['rule']}, {e['file']})")
+        for key in ("summary", "meta_trained_on", "meta_training", "state", "heldout_suite", "prefer_adamw_when"):
+            if e.get(key):
+                print(f"  {key.replace('_', ' ')}: {e[key]}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """Plot a run folder (meta-loss, learned step sizes and rescaling factors per layer, held-out
     comparison from eval.json) and write a markdown summary, report.md, that embeds the plots."""
@@ -454,6 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe an exported optimizer file", description=cmd_info.__doc__)
     i.add_argument("file", help="exported optimizer (.safetensors)")
     i.set_defaults(func=cmd_info)
+
+    pt = sub.add_parser("pretrained", help="list the pretrained optimizers that ship with metascale",
+                        description=cmd_pretrained.__doc__)
+    pt.set_defaults(func=cmd_pretrained)
 
     r = sub.add_parser("report", help="plot a run folder and write report.md", description=cmd_report.__doc__)
     r.add_argument("run_dir", metavar="RUN_DIR", help="folder written by `metascale meta-train --out` (metrics.jsonl, "

@@ -39,6 +39,7 @@ from safetensors.torch import save_file
 from ..config import from_table, to_dict
 from ..errors import ExportFormatError, SpecError
 from ..optim import MAPPING_RULE, RULES, GroupInfo, LearnedOptimizer, anchor_weights, group_infos, rule_for
+from .. import pretrained
 from ..safeio import clip_text, read_safetensors
 from ..spec import MAX_HORIZON
 
@@ -151,12 +152,16 @@ def _header(path: Path, meta_str: dict, declared: dict) -> tuple:
 
 
 def read_optimizer(path: str | Path) -> ExportedOptimizer:
-    """Read and validate an exported optimizer file (see the module doc).
+    """Read and validate an exported optimizer file (see the module doc), or the file of a
+    pretrained optimizer's name (:mod:`metascale.pretrained`).
 
     Raises:
         ExportFormatError: for anything but a well-formed file of a version this release reads.
     """
-    path = Path(path)
+    given, path = path, pretrained.resolve(path)
+    if not path.exists() and isinstance(given, str) and not any(s in given for s in ("/", "\\", ".")):
+        raise ExportFormatError(f"{clip_text(given, 80)}: no such file, nor a pretrained optimizer (metascale "
+                                f"pretrained lists them: {', '.join(pretrained.catalog())})")
     found = {}
 
     def check(meta_str, declared):
@@ -188,7 +193,8 @@ def read_optimizer(path: str | Path) -> ExportedOptimizer:
 def load_optimizer(path: str | Path, params: Iterable, *, lr: float = 1.0,
                    foreach: bool | None = None, total_steps: int | None = None,
                    **options) -> torch.optim.Optimizer:
-    """Load an exported optimizer for ``params`` (any model: groups are matched by role and
+    """Load an exported optimizer (a file, or a pretrained optimizer's name: ``metascale
+    pretrained`` lists them) for ``params`` (any model: groups are matched by role and
     relative depth). ``lr`` multiplies every learned step size (for LR schedulers).
     ``total_steps`` is your training budget ``T`` (default: the meta-training horizon), for
     rules that read the fraction of training done. ``options``: ``weight_decay``, ``maximize``,
