@@ -34,7 +34,7 @@ from metascale.evaluate import BASELINES, evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = ("base", "wider", "deeper", "long")
-RULES = ("adaptive", "adaptive-momentum", "layerwise")
+RULES = tuple(metascale.RULES)  # every registered rule (--rules picks)
 
 
 def variant(spec, setting: str):
@@ -179,7 +179,7 @@ def main() -> None:
     if args.summary:
         results = {f"{r['spec']}/seed{r['seed']}": r for r in (json.loads(f.read_text())
                                                                 for f in sorted(parts.glob("*.json")))}
-        print(summary_tables(results, sorted(args.rules, key=lambda r: r == "layerwise")))
+        print(summary_tables(results, list(args.rules)))
         return
     parts.mkdir(parents=True, exist_ok=True)
     from concurrent.futures import ProcessPoolExecutor

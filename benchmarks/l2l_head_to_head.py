@@ -381,9 +381,10 @@ def step_fn(name: str, spec, seed: int):
         return spec.sampler("train", seed).tasks(spec.meta.batch_size)
     if name == "metascale-layerwise-func":  # the same rule and numbers on the torch.func engine
         return lambda: metascale_trainer(spec, seed, "layerwise", meta_steps=1, engine="func").train()
-    if name == "metascale-sgd-rule-func":  # diagnostic: momentum 0, i.e. LSLR's plain-SGD rule
+    if name in ("metascale-sgd-rule-func", "metascale-sgd-rule-higher"):  # momentum 0: LSLR's plain-SGD rule
         plain = spec.with_table("optimizer", dataclasses.replace(spec.rules["optimizer"], momentum=0.0))
-        return lambda: metascale_trainer(plain, seed, "layerwise", meta_steps=1, engine="func").train()
+        engine = name.rsplit("-", 1)[1]
+        return lambda: metascale_trainer(plain, seed, "layerwise", meta_steps=1, engine=engine).train()
     if name.startswith("metascale-"):
         rule = name.split("-", 1)[1]
         return lambda: metascale_trainer(spec, seed, rule, meta_steps=1).train()
@@ -400,6 +401,9 @@ def timing(problem: str, names: list[str], repeats: int) -> dict:
     """Median wall time of one meta-step per method, interleaved in this process."""
     torch.set_num_threads(1)
     spec = make_spec(problem)
+    # one meta-step each: the selection guard ([meta] select_every) measures 16 more tasks after
+    # the last meta-step of a run, which is not part of a meta-step
+    spec = dataclasses.replace(spec, meta=dataclasses.replace(spec.meta, select_every=0))
     fns = {n: step_fn(n, spec, 0) for n in names}
     for f in fns.values():  # warm-up
         f()
@@ -499,8 +503,8 @@ def main() -> None:
     if args.memory_child:
         return memory_child(*args.memory_child)
     if args.timing_only:
-        names = ["metascale-layerwise", "metascale-layerwise-func", "metascale-sgd-rule-func", "l2l-lslr",
-                 "l2l-metasgd", "torchopt-metasgd", "draw-tasks"]
+        names = ["metascale-layerwise", "metascale-layerwise-func", "metascale-sgd-rule-func",
+                 "metascale-sgd-rule-higher", "l2l-lslr", "l2l-metasgd", "torchopt-metasgd", "draw-tasks"]
         out = {p: timing(p, names, args.repeats) for p in args.problems}
         path = Path(args.out if "--out" in sys.argv else ROOT / "benchmarks" / "results" / "l2l_head_to_head_timing.json")
         path.write_text(json.dumps({"command": "python benchmarks/l2l_head_to_head.py " + " ".join(sys.argv[1:]),
