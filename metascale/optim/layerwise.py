@@ -145,15 +145,11 @@ class _Bound:
     folded: list[torch.Tensor | None]
 
 
-class LayerwiseRule(Rule):
-    """The layer-wise rule (see the module doc)."""
-
-    name = "layerwise"
-    config_type = LayerwiseConfig
-    table = "optimizer"
-    buffers = ("momentum_buffer",)
-    summary = ("a learned step size and rescaling factor per layer and inner step (spec table [optimizer]); "
-               "one momentum buffer per parameter")
+class ScheduleRule(Rule):
+    """What every rule with learned (role, depth anchor, step) schedules of a log step size and
+    a log rescaling factor shares: the meta-parameters (unit at ``config.init_lr``, shapes from
+    ``config.per_step`` and ``config.depth_bins``), their checks and their description. A
+    subclass adds its config, state and step."""
 
     def meta_shapes(self, config, horizon):
         return schedule_shapes(config.per_step, config.depth_bins, horizon)
@@ -179,6 +175,17 @@ class LayerwiseRule(Rule):
 
     def describe(self, meta, config, horizon):
         return schedule_lines(meta, meta["log_step_size"].shape[-1])
+
+
+class LayerwiseRule(ScheduleRule):
+    """The layer-wise rule (see the module doc)."""
+
+    name = "layerwise"
+    config_type = LayerwiseConfig
+    table = "optimizer"
+    buffers = ("momentum_buffer",)
+    summary = ("a learned step size and rescaling factor per layer and inner step (spec table [optimizer]); "
+               "one momentum buffer per parameter")
 
     def bind(self, meta, config, infos, *, differentiable):
         """Frozen: the schedules as float tuples. Differentiable: tensors; where only the product

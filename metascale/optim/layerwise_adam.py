@@ -26,14 +26,12 @@ numbers.
 from __future__ import annotations
 
 import dataclasses
-import math
 
-import torch
 
 from ..config import check
 from .kernels import adam, adam_, state_like
-from .layerwise import at, batched_schedules, group_schedules, learned_schedules, overflow, schedule_lines, schedule_shapes
-from .rule import GroupState, GroupUpdate, GroupView, Rule
+from .layerwise import ScheduleRule, at, batched_schedules, group_schedules
+from .rule import GroupState, GroupUpdate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +55,7 @@ class LayerwiseAdamConfig:
     depth_bins: int = dataclasses.field(default=3, metadata=check("int", 1, 64))
 
 
-class LayerwiseAdamRule(Rule):
+class LayerwiseAdamRule(ScheduleRule):
     """The layer-wise Adam rule (see the module doc)."""
 
     name = "layerwise-adam"
@@ -66,31 +64,6 @@ class LayerwiseAdamRule(Rule):
     buffers = ("exp_avg", "exp_avg_sq")
     summary = ("a learned step size and rescaling factor per layer and inner step over Adam's direction "
                "(spec table [layerwise_adam]); Adam's two buffers per parameter")
-
-    def meta_shapes(self, config, horizon):
-        return schedule_shapes(config.per_step, config.depth_bins, horizon)
-
-    def init_meta(self, config, horizon, *, seed=0, dtype=torch.float32, device=None):
-        """Unit meta-parameters: ``log_step_size = log(init_lr)``, ``log_scale = 0`` (Adam)."""
-        shapes = self.meta_shapes(config, horizon)
-        return {"log_step_size": torch.full(shapes["log_step_size"], math.log(config.init_lr), dtype=dtype,
-                                            device=device),
-                "log_scale": torch.zeros(shapes["log_scale"], dtype=dtype, device=device)}
-
-    def horizon_of(self, meta, config):
-        return int(meta["log_step_size"].shape[-1]) if config.per_step else None
-
-    def check_meta(self, meta, config):
-        return overflow(meta)
-
-    def anchor_axes(self, meta):
-        return {"log_step_size": (0, 1), "log_scale": (0, 1)}
-
-    def learned(self, meta):
-        return learned_schedules(meta)
-
-    def describe(self, meta, config, horizon):
-        return schedule_lines(meta, meta["log_step_size"].shape[-1])
 
     def bind(self, meta, config, infos, *, differentiable):
         """The ``(eta, s)`` schedules of every group: float tuples frozen, tensors otherwise."""
