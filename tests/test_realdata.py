@@ -156,7 +156,7 @@ def test_every_architecture_fits_its_training_pool_with_adam(name, table, factor
 def test_missing_data_package_names_the_extra(name, module, loader, monkeypatch):
     loader().cache_clear()
     monkeypatch.setitem(sys.modules, module, None)
-    with pytest.raises(MissingExtraError, match=r"pip install 'metascale\[data\]'"):
+    with pytest.raises(MissingExtraError, match=r"pip install -e '\.\[data\]' in the metascale repository"):
         draw(name, {})
     monkeypatch.undo()
     loader().cache_clear()

@@ -197,7 +197,7 @@ def test_digits_train_and_val_images_are_disjoint_and_labelled_in_subset_order()
 def test_digits_without_sklearn_raises_missing_extra(monkeypatch):
     digits_mod.load.cache_clear()
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
-    with pytest.raises(MissingExtraError, match=r"metascale\[digits\]"):
+    with pytest.raises(MissingExtraError, match=r"pip install -e '\.\[digits\]'"):
         sampler("digits").task(0)
     monkeypatch.undo()
     digits_mod.load.cache_clear()
