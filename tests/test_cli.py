@@ -117,7 +117,9 @@ def test_tasks_lists_every_spec(capsys):
         data = tomllib.loads(f.read_text(encoding="utf-8"))
         assert line.startswith(str(f))
         assert line.endswith(data["description"])
-        assert f"[{data['family']['name']}, K={data.get('inner', {}).get('steps', 20)}]" in line
+        inner = data.get("inner", {})
+        windows = f"x{inner['windows']}" if inner.get("windows", 1) > 1 else ""
+        assert f"[{data['family']['name']}, K={inner.get('steps', 20)}{windows}]" in line
     sine = next(line for line in lines if line.startswith(str(SINE)))
     assert "[sine, K=20]" in sine and "Sine-wave regression, MAML protocol" in sine
 

@@ -29,6 +29,8 @@ CASES = [
     ("mnist_1d", {"models": ["mlp", "cnn", "gru", "resmlp"], "width": [4, 8], "n_train": 100, "n_val": 100}),
     ("tabular", {"datasets": ["iris", "wine", "breast_cancer"], "width": [4, 8]}),
     ("char_lm", {"seq_len": 8, "d_model": [8, 16], "layers": [1, 2], "n_train": 40, "n_val": 20}),
+    ("mixture", {"members": ["sine", "gaussian_mixture"], "weights": [1, 1],
+                 "configs": {"gaussian_mixture": {"n_train": 40, "n_val": 80}}}),
 ]
 NAMES = [name for name, _ in CASES]
 
