@@ -276,9 +276,11 @@ def check_target(target: str) -> dict:
     """``{"baseline": name}`` or ``{"file": path}`` for FILE, validated before any work."""
     if target in BASELINE_NAMES:
         return {"baseline": target}
-    path = Path(target)
+    from . import pretrained
+    path = pretrained.resolve(target)  # a pretrained optimizer's name: its file in the package
     if not path.exists() and "." not in path.name and "/" not in target:
-        raise BenchError(f"{target!r} is neither a file nor a baseline; baselines: {', '.join(BASELINE_NAMES)}")
+        raise BenchError(f"{target!r} is neither a file, a pretrained optimizer ({', '.join(pretrained.catalog())}) "
+                         f"nor a baseline; baselines: {', '.join(BASELINE_NAMES)}")
     from .export import read_optimizer
     read_optimizer(path)  # ExportFormatError (a MetascaleError) for anything but an optimizer file
     return {"file": str(path)}
