@@ -390,7 +390,9 @@ def bench(target: str, suite: str = "small", *, seeds: Iterable[int] = DEFAULT_S
         runs = {t.name: dict(zip(seeds, refs[t.name])) for t in tasks}
     ordered = {t.name: [runs[t.name][s] for s in seeds] for t in tasks}
     summary = summarize(ordered, refs)
-    label = name or (opt["baseline"] if "baseline" in opt else Path(opt["file"]).parent.name or Path(opt["file"]).stem)
+    from . import pretrained
+    label = name or (opt["baseline"] if "baseline" in opt else pretrained.name_of(opt["file"])
+                     or Path(opt["file"]).parent.name or Path(opt["file"]).stem)
     for t in tasks:
         row = summary["tasks"][t.name]
         row.update({"what": t.what, "family": t.family, "steps": t.steps, "batch_size": t.batch_size,

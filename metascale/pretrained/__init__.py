@@ -31,3 +31,9 @@ def resolve(name_or_path: str | Path) -> Path:
     if name_or_path not in entries:
         return path  # not a name either: the loader reports the missing file
     return Path(str(resources.files(__name__).joinpath(entries[name_or_path]["file"])))
+
+
+def name_of(path: str | Path) -> str | None:
+    """The catalog name of a shipped file (``None`` for any other path)."""
+    path = Path(path).resolve()
+    return next((n for n in catalog() if resolve(n).resolve() == path), None)
