@@ -62,7 +62,7 @@ def spec_file(name: str, tasks: int, tune: int, folder: Path) -> Path:
 def meta_train(spec: Path, steps: int, threads: int, jobs: int, out: Path) -> dict:
     cmd = [sys.executable, "-m", "metascale.cli", "meta-train", "--spec", str(spec), "--out", str(out), "--quiet",
            "--device", "cpu", "--meta-steps", str(steps), "--checkpoint-every", "0", "--threads", str(threads),
-           "--jobs", str(jobs)]
+           "--jobs", str(jobs), "--force"]  # each repeat reuses its folder
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - t0
