@@ -45,6 +45,7 @@ import torch
 
 from .bench_suites import SUITES, TUNE_SEED, BenchTask
 from .errors import MetascaleError, MissingExtraError, install_hint
+from .parallel import positive_int
 
 EVAL_POINTS = 50
 BASELINE_NAMES = ("adamw", "sgd_momentum", "adafactor", "schedulefree_adamw", "prodigy")
@@ -528,16 +529,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
 def add_parser(sub) -> None:
     """Add the ``bench`` sub-command to ``metascale``'s sub-parsers."""
     b = sub.add_parser("bench", help="benchmark an optimizer on a fixed held-out task suite against tuned baselines",
@@ -547,8 +538,8 @@ def add_parser(sub) -> None:
     b.add_argument("--suite", default="small", help=f"task suite: {', '.join(SUITES)} (default: small)")
     b.add_argument("--json", help="write the full result (per task and seed: curves, final loss, speedup) here")
     b.add_argument("--plots", metavar="DIR", help="write per-task loss-curve PNGs and summary.png into DIR")
-    b.add_argument("--jobs", type=_positive, default=1, help="worker processes, 1 intra-op thread each (default 1)")
-    b.add_argument("--seeds", type=_positive, default=len(DEFAULT_SEEDS),
+    b.add_argument("--jobs", type=positive_int, default=1, help="worker processes, 1 intra-op thread each (default 1)")
+    b.add_argument("--seeds", type=positive_int, default=len(DEFAULT_SEEDS),
                    help=f"evaluation seeds 0..N-1 (default {len(DEFAULT_SEEDS)})")
     b.add_argument("--cache", help="tuning cache (default runs/bench-cache/SUITE.json): tuned learning rates and "
                                    "AdamW's reference runs; delete it to re-tune")

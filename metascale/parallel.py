@@ -93,7 +93,8 @@ def default_jobs() -> int:
     return idle_cpus()
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
     try:
         v = int(text)
     except ValueError:
@@ -107,10 +108,10 @@ def add_arguments(parser: argparse.ArgumentParser, what: str = "the independent 
     """Add ``--threads N`` and ``--jobs N`` to a command's parser (both default to None;
     :func:`resolve` turns them into numbers). ``what`` the processes share, at most one
     process ``per`` unit of work (for the help text)."""
-    parser.add_argument("--threads", type=_positive, metavar="N",
+    parser.add_argument("--threads", type=positive_int, metavar="N",
                         help="torch intra-op threads per process (default: 1 on CPU, where tiny models run "
                              "fastest on one thread; torch's default on CUDA)")
-    parser.add_argument("--jobs", type=_positive, metavar="N",
+    parser.add_argument("--jobs", type=positive_int, metavar="N",
                         help=f"local processes that share {what} (default: $METASCALE_JOBS, else one per idle CPU "
                              f"core, i.e. cores minus the load average, at most one per {per}; 1 on CUDA); results "
                              "are bit-for-bit those of one process at the same --threads")

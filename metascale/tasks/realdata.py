@@ -59,6 +59,14 @@ def _ints(pair) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
+def integer_ranges(config, keys) -> None:
+    """Raise ``ValueError`` unless each ``[lo, hi]`` field in ``keys`` holds integers."""
+    for key in keys:
+        lo, hi = getattr(config, key)
+        if lo != int(lo) or hi != int(hi):
+            raise ValueError(f"{key} = {[lo, hi]} is not allowed; expected a pair of integers")
+
+
 @dataclasses.dataclass(frozen=True)
 class ClassifierFields:
     """Fields every real-data classification family shares.
@@ -83,10 +91,7 @@ class ClassifierFields:
 
     def validate(self) -> None:
         """Integer ranges must hold integers."""
-        for key in ("width", "depth"):
-            lo, hi = getattr(self, key)
-            if lo != int(lo) or hi != int(hi):
-                raise ValueError(f"{key} = {[lo, hi]} is not allowed; expected a pair of integers")
+        integer_ranges(self, ("width", "depth"))
 
 
 def sample_classifier(cfg: ClassifierFields, g: torch.Generator, split: str) -> dict:

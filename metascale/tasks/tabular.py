@@ -21,7 +21,7 @@ from ..config import check
 from .base import ACTIVATIONS, randint
 from . import reparam
 from .nets import classifier
-from .realdata import _ints, draw_rows, require, split_rows
+from .realdata import _ints, draw_rows, integer_ranges, require, split_rows
 
 DATASETS = ("iris", "wine", "breast_cancer", "digits")
 _SALT = {"iris": 0x1415, "wine": 0x3173, "breast_cancer": 0xB7CA, "digits": 0xD167}
@@ -51,10 +51,7 @@ class TabularConfig:
 
     def validate(self) -> None:
         """Integer ranges must hold integers."""
-        for key in ("width", "depth"):
-            lo, hi = getattr(self, key)
-            if lo != int(lo) or hi != int(hi):
-                raise ValueError(f"{key} = {[lo, hi]} is not allowed; expected a pair of integers")
+        integer_ranges(self, ("width", "depth"))
 
 
 @functools.lru_cache(maxsize=None)
