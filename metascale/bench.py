@@ -33,7 +33,6 @@ normalised loss is below 1 ("beats AdamW"), and the count of diverged runs.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import math
