@@ -495,6 +495,12 @@ def _run(args: argparse.Namespace) -> int:
         message = "input nested too deeply to read (RecursionError): a spec, metrics or JSON file nested thousands deep?"
     except MemoryError:
         message = "out of memory: a size in the spec, the command line or an input file is too large for this machine"
+    except BrokenPipeError:  # the reader went away (metascale tasks | head): not an error of ours
+        try:
+            sys.stdout = open(os.devnull, "w")  # no second complaint when Python flushes stdout at exit
+        except OSError:
+            pass
+        return 0
     except OSError as e:  # outputs: unwritable, over-long path, full disk, ...
         where = f"{e.filename}: " if e.filename else ""
         message = f"{where}{e.strerror or type(e).__name__}" + (f" (errno {e.errno})" if e.errno else "")

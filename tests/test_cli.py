@@ -538,3 +538,18 @@ def test_a_checkpoint_is_not_an_exported_optimizer(capsys, tmp_path):
     assert_error(capsys, ["info", ck], "not a metascale optimizer file (format = 'metascale.checkpoint')")
     assert_error(capsys, ["evaluate", ck, "--spec", SINE, "--quiet"], "not a metascale optimizer file")
     assert_error(capsys, ["info", tmp_path], "no such file")
+
+
+def test_a_closed_pipe_is_not_an_error(capsys, monkeypatch):
+    """`metascale tasks | head -1`: the reader leaving is not reported as an error."""
+    import argparse
+    import io
+
+    from metascale.cli import _run
+
+    def write_to_closed_pipe(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("sys.stdout", io.StringIO())
+    assert _run(argparse.Namespace(func=write_to_closed_pipe)) == 0
+    assert capsys.readouterr().err == ""
