@@ -353,7 +353,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         untouched = sum(nt.get("entries", {}).values())
         print(f"never-trained meta-parameters: {untouched} of {sum(nt.get('sizes', {}).values())} entries received "
-              "no meta-gradient" + (f"; (role, depth) anchors never reached: " + ", ".join(
+              "no meta-gradient" + ("; (role, depth) anchors never reached: " + ", ".join(
                   f"{a['role']} depth {a['depth']:.2f}" for a in nt["anchors"]) + " (models with a layer there "
                   "get their untrained values; load_optimizer warns)" if nt.get("anchors") else
                   "; every (role, depth) anchor was reached"))

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .spec import BASELINE_NAMES, DEFAULT_BASELINES, EvaluateConfig
+from .spec import BASELINE_NAMES, DEFAULT_BASELINES, EvaluateConfig  # noqa: F401 (the latter two: re-exported)
 from .parallel import DEFAULT_THREADS, Workers
 from .tasks.base import Task, mix_seed
 

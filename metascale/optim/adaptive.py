@@ -54,14 +54,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 
 from ..config import check
 from .groups import GroupInfo
 from .layerwise import heavy_ball_group
-from .rule import GroupState, GroupUpdate, GroupView, Rule
+from .rule import Rule
 
 NUM_FEATURES = 7
 FEATURES = ("log_grad_rms", "log_param_rms", "grad_rms_vs_average", "average_vs_first",
