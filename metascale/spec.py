@@ -60,6 +60,14 @@ class InnerConfig:
         windows: ``N``: meta-train over an inner horizon of ``N * K`` steps by backpropagating
             through windows of ``K`` steps, the inner state carried across windows and the graph
             cut between them (truncated unrolls; uses the ``func`` engine, which carries state).
+        tail: the fraction of the horizon whose windows the meta-objective counts: the last
+            ``n = max(1, round(tail * windows))`` windows, each weighted ``windows / n`` (so the
+            meta-loss is the mean over the counted windows). ``1`` counts every window; a small
+            ``tail`` makes the meta-objective track the end of a run (the final loss a user
+            judges an optimizer by) while the earlier windows still run and carry the state
+            (their effect reaches the counted windows through PES's perturbation sums, or
+            through the carried graph of full backpropagation; truncated backpropagation
+            gets no gradient from them).
     """
 
     steps: int = dataclasses.field(default=20, metadata=check("int", 1, 10_000))
@@ -67,6 +75,7 @@ class InnerConfig:
     objective: str = dataclasses.field(default="log_mean", metadata=check("str", choices=OBJECTIVES))
     engine: str = dataclasses.field(default="higher", metadata=check("str", choices=ENGINES))
     windows: int = dataclasses.field(default=1, metadata=check("int", 1, 1_000_000))
+    tail: float = dataclasses.field(default=1.0, metadata=check("float", 1e-6, 1.0))
 
     def validate(self) -> None:
         """Raise ``ValueError`` for a horizon past :data:`MAX_HORIZON` (per-step meta-parameters,
@@ -79,6 +88,13 @@ class InnerConfig:
     def horizon(self) -> int:
         """Inner steps per task in meta-training: ``windows * steps``."""
         return self.windows * self.steps
+
+    def window_weight(self, start: int) -> float:
+        r"""The weight of the window that starts at inner step ``start`` in the meta-objective
+        :math:`\frac1N\sum_k w_k L_k`: ``N / n`` for the last ``n = max(1, round(tail N))``
+        windows, ``0`` before them (``tail = 1``: 1 for every window)."""
+        counted = max(1, round(self.tail * self.windows))
+        return self.windows / counted if start // self.steps >= self.windows - counted else 0.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -67,14 +67,17 @@ def perturbation(seed: int, salt: int, step: int, index: int, n: int, device=Non
 def windows_objective(task: Task, meta: dict[str, torch.Tensor], rule: Any, inner, device, *,
                       state: InnerState | None = None, windows: int | None = None,
                       ) -> tuple[float, InnerState]:
-    """The mean over ``windows`` windows (default all) of each window's meta-objective, run
-    from ``state`` without a second-order graph; returns ``(objective, state after)``."""
+    """The mean over ``windows`` windows (default all) of each window's meta-objective times
+    its weight (:meth:`~metascale.spec.InnerConfig.window_weight`, ``[inner] tail``), run from
+    ``state`` without a second-order graph; returns ``(objective, state after)``."""
     values = []
     for _ in range(inner.windows if windows is None else windows):
+        weight = inner.window_weight(0 if state is None else state.step)
         res = unroll_func(task, meta, rule, inner.steps, objective=inner.objective, device=device,
                           create_graph=False, state=state, total_steps=inner.horizon)
         state = res.state.detach()
-        values.append(float(res.meta_loss.detach()))
+        loss = float(res.meta_loss.detach())
+        values.append(weight * loss if math.isfinite(loss) else loss)
     return (sum(values) / len(values) if values else 0.0), state
 
 

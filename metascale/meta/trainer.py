@@ -310,7 +310,8 @@ class MetaTrainer:
         flat, total, state = torch.zeros(n, dtype=torch.float64, device=self.device), 0.0, None
         carry = self.spec.meta.estimator == "backprop" and params is not None  # the graph across windows
         whole = []
-        for _ in range(inner.windows):
+        for k in range(inner.windows):
+            weight = inner.window_weight(k * inner.steps)
             if inner.engine == "higher" and inner.windows == 1:
                 res = unroll(task, meta, rule, inner.steps, objective=inner.objective, device=self.device,
                              train_loss=loss_fn, track_higher_grads=params is not None)
@@ -321,8 +322,9 @@ class MetaTrainer:
                 state = res.state if carry else res.state.detach()
             if not torch.isfinite(res.meta_loss):
                 return bad
+            res.meta_loss = weight * res.meta_loss  # [inner] tail: 0 before the counted windows
             total += float(res.meta_loss.detach()) / inner.windows
-            if params is None:
+            if params is None or (weight == 0 and not carry):
                 continue
             if carry:
                 whole.append(res.meta_loss)

@@ -24,7 +24,8 @@ weight's contribution by a similar amount. The network, shared across groups and
 
 .. math::
 
-    r = W_\ell x + W_2 \tanh(W_1 x + b_1) + b_2 + S[\rho_g, d_g, \min(t, n-1)] \in \mathbb{R}^2, \qquad
+    r = W_\ell x + W_2 \tanh(W_1 x + b_1) + b_2 + S[\rho_g, d_g, \min(t, n-1)] + \sum_k h_k(t/T)\, D_k
+    \in \mathbb{R}^2, \qquad
     \eta_{g,t} = \eta_0\, e^{B\tanh(r_0/B)}, \quad s_{g,t} = e^{B\tanh(r_1/B)},
 
 gives the step size and rescaling factor, which drive the layer-wise update
@@ -38,8 +39,13 @@ schedules. The static rule learns sharp schedules (e.g. a 100x warm-up and decay
 steps) that the network's smooth terms cannot express; with the table the adaptive rule can
 represent the static one exactly, and learns its corrections from the training state on top.
 The table is indexed by the step, not by ``t/T`` (stretched to a longer horizon, a few steps
-of warm-up at a huge step size become many; docs/benchmarks.md). ``W_l``, ``W_2``,
-``b_2`` and ``S`` start at zero, so the untrained rule *is* ``torch.optim.SGD(lr=eta_0,
+of warm-up at a huge step size become many; docs/benchmarks.md). ``D`` (``time_knots`` columns; none by default) is a learned schedule in the fraction of
+training done: (log step size, log scale) offsets at ``K`` evenly spaced knots of ``t/T`` in
+``[0, 1]``, interpolated linearly (``h_k``: the hat functions of :func:`hat_weights`). Unlike
+the table it stretches with the horizon, and unlike the network's smooth ``t/T`` terms one
+knot moves one stretch of the run, so a decay to a small step at the end of training (what
+held-out long runs on small data need, docs/benchmarks.md) is a few numbers that an
+evolution-strategies estimate finds quickly. ``W_l``, ``W_2``, ``b_2``, ``S`` and ``D`` start at zero, so the untrained rule *is* ``torch.optim.SGD(lr=eta_0,
 momentum=mu)``; ``B`` bounds ``|log(eta/eta_0)|`` and ``|log s|``.
 
 Two variants: ``momentum = 0`` keeps **no per-parameter state** (three floats per group:
@@ -66,8 +72,9 @@ from .rule import Rule
 NUM_FEATURES = 7
 FEATURES = ("log_grad_rms", "log_param_rms", "grad_rms_vs_average", "average_vs_first",
             "fraction_done", "role", "depth")
-NET_NAMES = ("w1", "b1", "w2", "b2", "wl")  # always present; "table" too when table_steps > 0
+NET_NAMES = ("w1", "b1", "w2", "b2", "wl")  # always present; "table" / "time" too when configured
 TABLE = "table"
+TIME = "time"
 EPS = 1e-8
 LOG_SCALE = 0.1  # c: the factor on the absolute log-RMS features
 MAX_WEIGHT = 1e30
@@ -90,6 +97,8 @@ class AdaptiveConfig:
         table_steps: leading steps with their own offsets in the table ``S`` (the last one is
             held after them); unset: the meta-training horizon ``K`` (0: no table).
         depth_bins: depth anchors of the offset table (input ... output).
+        time_knots: knots ``K`` of the learned schedule ``D`` in ``t/T`` (0: none; at least 2
+            otherwise).
     """
 
     init_lr: float = dataclasses.field(default=0.01, metadata=check("float", 1e-8, 100.0))
@@ -100,11 +109,14 @@ class AdaptiveConfig:
     bound: float = dataclasses.field(default=10.0, metadata=check("float", 0.1, 50.0))
     table_steps: int | None = dataclasses.field(default=None, metadata=check("int", 0, 100_000))
     depth_bins: int = dataclasses.field(default=3, metadata=check("int", 1, 64))
+    time_knots: int = dataclasses.field(default=0, metadata=check("int", 0, 1024))
 
     def validate(self) -> None:
         """Raise ``ValueError`` for inconsistent settings."""
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov = true needs momentum > 0")
+        if self.time_knots == 1:
+            raise ValueError("time_knots = 1 is a constant, which b2 already is; use 0 (none) or at least 2")
 
 
 def net_shapes(config: AdaptiveConfig) -> dict[str, tuple[int, ...]]:
@@ -113,14 +125,16 @@ def net_shapes(config: AdaptiveConfig) -> dict[str, tuple[int, ...]]:
     shapes = {"w1": (h, f), "b1": (h,), "w2": (2, h), "b2": (2,), "wl": (2, f)}
     if config.table_steps > 0:  # (output, role, depth anchor, step)
         shapes[TABLE] = (2, 2, config.depth_bins, config.table_steps)
+    if config.time_knots > 0:  # (output, knot)
+        shapes[TIME] = (2, config.time_knots)
     return shapes
 
 
 def init_net(config: AdaptiveConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
              device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """Meta-parameters of the untrained rule: ``W_1 ~ N(0, 0.1^2 / F)`` from a generator seeded
-    with ``seed``; ``b_1``, ``W_2``, ``b_2``, ``W_l`` and the table ``S`` zero (so ``eta = eta_0``,
-    ``s = 1``)."""
+    with ``seed``; ``b_1``, ``W_2``, ``b_2``, ``W_l``, the table ``S`` and the schedule ``D``
+    zero (so ``eta = eta_0``, ``s = 1``)."""
     gen = torch.Generator().manual_seed(seed)
     shapes = net_shapes(config)
     net = {k: torch.zeros(s, dtype=torch.float64) for k, s in shapes.items()}
@@ -171,12 +185,15 @@ def adaptive_factors(net: dict[str, torch.Tensor], features: torch.Tensor,
                      config: AdaptiveConfig, steps: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Step sizes and rescaling factors ``(eta, s)``, each of shape ``(G,)``, at steps ``steps``
     (one per row) from the feature matrix:
-    :math:`r = W_\ell x + W_2\tanh(W_1x+b_1) + b_2 + S[\rho, d, \min(t, n-1)]`,
+    :math:`r = W_\ell x + W_2\tanh(W_1x+b_1) + b_2 + S[\rho, d, \min(t, n-1)] + \sum_k h_k(t/T) D_k`
+    (``t/T``: feature 4),
     :math:`\eta = \eta_0 e^{B\tanh(r_0/B)}`, :math:`s = e^{B\tanh(r_1/B)}`."""
     x = features.to(net["w1"].dtype)
     r = x @ net["wl"].T + torch.tanh(x @ net["w1"].T + net["b1"]) @ net["w2"].T + net["b2"]
     if TABLE in net:
         r = r + table_offsets(net[TABLE], x, steps)
+    if TIME in net:
+        r = r + hat_weights(x[:, 4], net[TIME].shape[1]) @ net[TIME].T
     b = config.bound
     log_change = b * torch.tanh(r / b)
     return config.init_lr * torch.exp(log_change[:, 0]), torch.exp(log_change[:, 1])
@@ -317,9 +334,10 @@ class AdaptiveRule(Rule):
         return {TABLE: (1, 2)} if TABLE in meta else {}
 
     def meta_groups(self, meta, lr, net_lr):
-        """The output offsets ``b_2`` and the table are log step sizes and scales like the static
-        rule's (``lr``); the weights that read the features move slower (``net_lr``)."""
-        fast = [k for k in ("b2", TABLE) if k in meta]
+        """The output offsets ``b_2``, the table and the ``t/T`` schedule are log step sizes and
+        scales like the static rule's (``lr``); the weights that read the features move slower
+        (``net_lr``)."""
+        fast = [k for k in ("b2", TABLE, TIME) if k in meta]
         return [{"params": [meta[k] for k in fast], "lr": lr},
                 {"params": [v for k, v in meta.items() if k not in fast], "lr": net_lr}]
 
@@ -330,6 +348,12 @@ class AdaptiveRule(Rule):
                  f"horizon); per-parameter state: {'one momentum buffer' if config.momentum > 0 else 'none'}",
                  "linear path (log step size, log rescaling factor) per feature:"]
         lines += [f"  {f:<20} {meta['wl'][0, j]:+.3f} {meta['wl'][1, j]:+.3f}" for j, f in enumerate(FEATURES)]
+        if TIME in meta:
+            d = meta[TIME]
+            k = d.shape[1]
+            lines.append("learned schedule in t/T: step-size multiplier exp(D_eta) x rescaling factor exp(D_s) at "
+                         + ", ".join(f"{j / (k - 1):.2f}" for j in range(k)) + ":")
+            lines.append("  " + ", ".join(f"{float(m):.3g}" for m in torch.exp(d[0] + d[1])))
         if TABLE in meta:
             tab, (bins, n) = meta[TABLE], meta[TABLE].shape[2:]
             cols = sorted({round(i * (n - 1) / 4) for i in range(5)})
