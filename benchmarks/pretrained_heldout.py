@@ -20,6 +20,24 @@ from metascale.parallel import map_jobs
 from metascale.pretrained import resolve
 
 
+def heldout(path: str, cache_path: str, jobs: int) -> dict:
+    """The suite metrics of the optimizer file ``path`` on ``heldout`` (3 seeds), AdamW's runs
+    taken from the tuning cache at ``cache_path``; ``wall_s`` added."""
+    cache = json.load(open(cache_path))["tasks"]
+    items = [{"task": t, "split": "test", "seed": s, "opt": {"file": path}} for t in HELDOUT for s in (0, 1, 2)]
+    order = sorted(range(len(items)), key=lambda i: -items[i]["task"].steps)
+    t0 = time.time()
+    res = map_jobs(run, [items[i] for i in order], jobs)
+    wall = time.time() - t0
+    runs: dict[str, dict] = {}
+    for r in res:
+        runs.setdefault(r["task"], {})[r["seed"]] = r
+    names = [t.name for t in HELDOUT]
+    out = summarize({n: [runs[n][s] for s in (0, 1, 2)] for n in names},
+                    {n: [cache[n]["reference"][str(s)] for s in (0, 1, 2)] for n in names})
+    return {**out, "wall_s": wall}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("optimizer", help="a pretrained optimizer's name or an exported file")
@@ -28,18 +46,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     path = str(resolve(args.optimizer))
-    cache = json.load(open(args.cache))["tasks"]
-    items = [{"task": t, "split": "test", "seed": s, "opt": {"file": path}} for t in HELDOUT for s in (0, 1, 2)]
-    order = sorted(range(len(items)), key=lambda i: -items[i]["task"].steps)
-    t0 = time.time()
-    res = map_jobs(run, [items[i] for i in order], args.jobs)
-    wall = time.time() - t0
-    runs: dict[str, dict] = {}
-    for r in res:
-        runs.setdefault(r["task"], {})[r["seed"]] = r
-    names = [t.name for t in HELDOUT]
-    out = summarize({n: [runs[n][s] for s in (0, 1, 2)] for n in names},
-                    {n: [cache[n]["reference"][str(s)] for s in (0, 1, 2)] for n in names})
+    out = heldout(path, args.cache, args.jobs)
+    wall = out.pop("wall_s")
     print(f"{args.optimizer}: IQM speedup {out['iqm_speedup']:.3f}, IQM normalised loss "
           f"{out['iqm_normalised_loss']:.3f}, beats AdamW {out['beats_adamw']}/{out['n_tasks']}, diverged "
           f"{out['diverged_runs']}/{out['runs']}; {wall:.0f} s with {args.jobs} jobs")
