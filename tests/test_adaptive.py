@@ -91,6 +91,23 @@ def test_factors_match_the_formula():
         assert eta[i].item() == pytest.approx(e1[i].item(), rel=1e-14) and s[i].item() == pytest.approx(s1[i].item(), rel=1e-14)
 
 
+def test_time_schedule_interpolates_its_knots_in_t_over_T():
+    """time_knots = 5: knots at t/T = 0, 0.25, .., 1; between two, the log offsets interpolate
+    linearly, so eta at t/T = 0.6 is eta_0 exp(B tanh((0.6 D[2] + 0.4 D[3]) / B))."""
+    cfg = AdaptiveConfig(init_lr=0.1, hidden=3, bound=50.0, table_steps=0, time_knots=5)
+    net = init_net(cfg, dtype=F64)
+    net["time"] = torch.tensor([[0.0, 0.5, -1.0, -2.0, -4.0], [0.0, 0.0, 0.3, 0.0, 0.0]], dtype=F64)
+    x = torch.zeros(4, 7, dtype=F64)
+    x[:, 4] = torch.tensor([0.0, 0.25, 0.6, 1.0], dtype=F64)
+    eta, s = adaptive_factors(net, x, cfg, [0] * 4)
+    bounded = lambda r: torch.exp(50 * torch.tanh(torch.tensor(r, dtype=F64) / 50))
+    assert torch.allclose(eta, 0.1 * bounded([0.0, 0.5, 0.6 * -1.0 + 0.4 * -2.0, -4.0]), rtol=1e-12)
+    assert torch.allclose(s, bounded([0.0, 0.0, 0.6 * 0.3, 0.0]), rtol=1e-12)
+    assert net_shapes(cfg)["time"] == (2, 5) and "time" not in net_shapes(AdaptiveConfig(table_steps=0))
+    with pytest.raises(ValueError, match="time_knots = 1"):
+        AdaptiveConfig(time_knots=1).validate()
+
+
 def check_factors(net, x, eta, s, roles, depths, column):
     for i in range(3):
         r = net["wl"] @ x[i] + net["w2"] @ torch.tanh(net["w1"] @ x[i] + net["b1"]) + net["b2"]
