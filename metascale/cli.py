@@ -224,8 +224,8 @@ def _meta_train(args, spec, device, threads, jobs, out: Path, checkpoint: Path) 
     result = trainer.train(metrics_path=out / "metrics.jsonl", checkpoint_path=checkpoint,
                            checkpoint_every=args.checkpoint_every, resume=args.resume)
     if size > 1:
-        import torch.distributed as dist
-        dist.destroy_process_group()
+        from .meta.distributed import leave
+        leave()  # after the last collective, before rank 0 writes and any rank exits
     if rank != 0:  # only rank 0 writes files and logs
         return 0
     s = result.summary

@@ -52,3 +52,41 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     assert [l["tasks_ok"] for l in lb] == [5, 5, 5]
     # the meta-parameters moved, so the comparison is not trivial
     assert not torch.equal(a["log_step_size"], torch.full_like(a["log_step_size"], a["log_step_size"].flatten()[0]))
+
+
+def _gloo_threads() -> list[str]:
+    """Names of this process's threads that belong to gloo or the TCPStore (Linux /proc)."""
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            names.append(Path(f"/proc/self/task/{tid}/comm").read_text().strip())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return [n for n in names if "gloo" in n or "tcpstore" in n]
+
+
+def _join_gather_leave() -> int:
+    """A --jobs rank in small: join, build an Adam after joining (as the trainer does; it imports
+    torch._dynamo), all-gather, leave. 0 when no gloo or store thread outlives leave()."""
+    import torch.distributed as dist
+    from metascale.meta.distributed import gather_in_task_order, init_from_env, leave
+    assert init_from_env(torch.device("cpu"))
+    if not _gloo_threads():
+        return 2  # the check below could not see them
+    torch.optim.Adam([torch.zeros(2, requires_grad=True)])
+    rows = gather_in_task_order(torch.full((2, 1), float(dist.get_rank())), 4)
+    assert rows.flatten().tolist() == [0.0, 1.0, 0.0, 1.0]
+    leave()
+    left = _gloo_threads()
+    if left:
+        print(f"threads alive after leave(): {left}", file=sys.stderr)
+        return 3
+    return 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="thread names from Linux /proc")
+def test_leave_stops_gloo_threads():
+    """leave() joins gloo's threads before the rank goes on: a gloo worker still alive at interpreter
+    exit can abort the process ('terminate called without an active exception')."""
+    from metascale import parallel
+    assert parallel.launch(_join_gather_leave, (), 2, threads=1) == 0

@@ -12,6 +12,7 @@ same per-task arithmetic, e.g. the same number of threads). Only rank 0 writes f
 """
 from __future__ import annotations
 
+import importlib
 import math
 import os
 
@@ -36,8 +37,27 @@ def init_from_env(device: torch.device) -> bool:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # Before the group exists: torch.distributed.nn.functional takes ``group.WORLD`` as the
+        # default argument of ten functions when it is imported, and torch imports it lazily
+        # (the trainer's first torch.optim.Adam imports torch._dynamo, which imports it). Imported
+        # after init_process_group it would hold the group past destroy_process_group (see
+        # :func:`leave`); imported now, its defaults are None.
+        importlib.import_module("torch.distributed.nn.functional")
         dist.init_process_group(backend=backend)
     return True
+
+
+def leave() -> None:
+    """Leave the process group: every rank calls it after its last collective, before it writes
+    or exits. No-op outside a group.
+
+    The group must really be gone here, not at interpreter exit: gloo's worker threads release
+    each collective's tensors after the waiting caller has resumed, and a worker that does so while
+    the interpreter finalizes needs the GIL, is ended by CPython mid-destructor, and aborts the
+    process ("terminate called without an active exception"). destroy_process_group joins those
+    threads only when nothing else holds the group (:func:`init_from_env`)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def my_tasks(batch: int) -> list[int]:
