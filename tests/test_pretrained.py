@@ -28,7 +28,9 @@ def test_load_by_name_trains_a_model_it_never_saw(name):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(),
                                 torch.nn.Linear(32, 3))
-    x, y = torch.randn(256, 10), torch.randint(0, 3, (256,))
+    g = torch.Generator().manual_seed(1)  # labels of a random linear teacher: learnable, unlike random labels
+    x = torch.randn(256, 10, generator=g)
+    y = (x @ torch.randn(10, 3, generator=g)).argmax(1)
     opt = metascale.load_optimizer(name, model.parameters(), total_steps=200)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0)  # composes with torch's schedulers
     first = None
@@ -39,7 +41,7 @@ def test_load_by_name_trains_a_model_it_never_saw(name):
         opt.step()
         sched.step()
         first = float(loss.detach()) if first is None else first
-    assert float(loss) < 0.7 * first
+    assert float(loss) < 0.2 * first  # mix1k-v1: 1.06 -> 7e-5, mix1k-v2: 1.06 -> 0.034
     state = sum(t.numel() for st in opt.state.values() for t in st.values() if torch.is_tensor(t) and t.dim() > 0)
     assert state <= sum(p.numel() for p in model.parameters())  # at most one buffer per parameter
 
