@@ -60,6 +60,18 @@ def test_meta_train_jobs2_equals_one_process(tmp_path, spec, rule):
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
+def test_selection_measure_split_over_ranks_equals_one_process(tmp_path):
+    """--jobs 2 splits the selection draws (5 here: ranks take 0,2,4 and 1,3) and gathers them in
+    task order: the measure of every meta-step equals one process's, bit for bit."""
+    spec = tmp_path / "select.toml"
+    spec.write_text(SPEC.replace("steps = 3\n", "steps = 3\nselect_every = 1\nselect_tasks = 5\n"))
+    a, la = meta_train(tmp_path, spec, "one", "--jobs", "1")
+    b, lb = meta_train(tmp_path, spec, "two", "--jobs", "2")
+    assert [r["selection_loss"] for r in la] == [r["selection_loss"] for r in lb]
+    assert len(lb) == 3 and all(isinstance(r["selection_loss"], float) for r in lb)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_evaluate_jobs2_equals_jobs1(tmp_path, spec):
     meta_train(tmp_path, spec, "opt", "--jobs", "1", "--meta-steps", "2")
     opt = tmp_path / "opt" / "optimizer.safetensors"

@@ -276,10 +276,16 @@ class MetaTrainer:
     def _select(self, tasks, meta, rule, loss_fn, step: int, best):
         """Measure the current meta-parameters (mean meta-loss on the selection tasks; ``None``
         if one is not finite, and they are not chosen); returns ``(measure, best)`` with
-        ``best = (meta-step, measure, meta-parameters)`` the lowest so far."""
-        losses = [self._task_row(task, meta, rule, loss_fn, None) for task in tasks]
-        if any(x is None for x in losses):
+        ``best = (meta-step, measure, meta-parameters)`` the lowest so far. Under several
+        ranks each unrolls its share of the tasks; the measure is summed in task order, as in
+        one process."""
+        mine = [self._task_row(tasks[j], meta, rule, loss_fn, None) for j in my_tasks(len(tasks))]
+        rows = torch.tensor([[0.0, 0.0] if v is None else [1.0, v] for v in mine], dtype=torch.float64,
+                            device=self.device).reshape(-1, 2)
+        rows = gather_in_task_order(rows, len(tasks))
+        if bool((rows[:, 0] == 0).any()):
             return None, best
+        losses = rows[:, 1].tolist()
         sel = sum(losses) / len(losses)
         if best is None or sel < best[1]:
             best = (step, sel, {k: v.detach().clone() for k, v in meta.items()})
