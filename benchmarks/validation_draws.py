@@ -9,7 +9,7 @@ made on this measure, never on the held-out suite.
 ``untrained`` is the spec's ``--rule`` before meta-training (``--time-eta a,b,...`` sets its
 learned ``t/T`` schedule of log step-size offsets by hand: a hand-designed decay to compare
 with). The draws are those of the trainer's selection measure
-(:func:`metascale.meta.trainer.selection_tasks`, seed ``--seed``), so lower is better and the
+(:func:`metascale.meta.trainer.selection_sampler`, seed ``--seed``), so lower is better and the
 values compare with a run's ``selection_loss``.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 
 from metascale.export import read_optimizer
 from metascale.meta.estimators import windows_objective
-from metascale.meta.trainer import selection_tasks
+from metascale.meta.trainer import selection_sampler
 from metascale.optim import get_rule
 from metascale.parallel import map_jobs
 from metascale.spec import load_spec
@@ -48,7 +48,7 @@ def _candidate(name: str, spec, rule: str, time_eta: list[float] | None):
 def _one(item: dict) -> float:
     spec = load_spec(item["spec"])
     cfg, meta = _candidate(item["name"], spec, item["rule"], item["time_eta"])
-    task = selection_tasks(spec, item["seed"], dataclasses.replace(spec.meta, select_tasks=item["draw"] + 1))[-1]
+    task = selection_sampler(spec, item["seed"]).task(item["draw"])
     with torch.no_grad():
         value, _ = windows_objective(task, meta, cfg, spec.inner, None)
     return value

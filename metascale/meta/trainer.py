@@ -36,10 +36,16 @@ if TYPE_CHECKING:
     from ..spec import Spec
 
 
+def selection_sampler(spec: "Spec", seed: int):
+    """The sampler of the fixed meta-train draws on which ``select_every`` measures the
+    meta-parameters: a stream of the train split apart from the training draws and from
+    evaluation's tuning draws."""
+    return spec.sampler("train", mix_seed(seed, 0x5E1))
+
+
 def selection_tasks(spec: "Spec", seed: int, cfg: MetaConfig) -> list:
-    """The fixed meta-train draws on which ``select_every`` measures the meta-parameters: a
-    stream of the train split apart from the training draws and from evaluation's tuning draws."""
-    sampler = spec.sampler("train", mix_seed(seed, 0x5E1))
+    """The first ``cfg.select_tasks`` draws of :func:`selection_sampler`."""
+    sampler = selection_sampler(spec, seed)
     return [sampler.task(i) for i in range(cfg.select_tasks)]
 
 
