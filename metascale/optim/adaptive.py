@@ -289,6 +289,7 @@ class AdaptiveRule(Rule):
     def __init__(self, name: str, with_momentum: bool):
         self.name, self.with_momentum = name, with_momentum
         self.buffers = ("momentum_buffer",) if with_momentum else ()
+        self.state_text = "one momentum buffer" if with_momentum else "none"
         self.summary = ("a tiny network shared by all layers maps each layer's gradient and parameter statistics to "
                         "its step size and rescaling factor every step (spec table [adaptive]); "
                         + ("one momentum buffer per parameter" if with_momentum else "no per-parameter state, "
@@ -345,7 +346,7 @@ class AdaptiveRule(Rule):
         n = sum(v.numel() for v in meta.values())
         lines = [f"a shared network of {n} numbers maps each layer's statistics ({', '.join(FEATURES)}) to its "
                  f"step size and rescaling factor every step; default total_steps {horizon} (the meta-training "
-                 f"horizon); per-parameter state: {'one momentum buffer' if config.momentum > 0 else 'none'}",
+                 f"horizon); per-parameter state: {self.state_text}",
                  "linear path (log step size, log rescaling factor) per feature:"]
         lines += [f"  {f:<20} {meta['wl'][0, j]:+.3f} {meta['wl'][1, j]:+.3f}" for j, f in enumerate(FEATURES)]
         if TIME in meta:
@@ -369,6 +370,12 @@ class AdaptiveRule(Rule):
     def bind(self, meta, config, infos, *, differentiable):
         net = meta if differentiable else {k: v.detach().clone() for k, v in meta.items()}
         return _Bound(net, config, list(infos), not differentiable)
+
+    def update(self, view, step_size, scale, config, inplace):
+        """One group's update at the network's factors: the heavy-ball kernel
+        (:func:`~metascale.optim.layerwise.heavy_ball_group`). Variants over another direction
+        override this alone."""
+        return heavy_ball_group(view, step_size, scale, config.momentum, config.nesterov, inplace)
 
     def step(self, bound, views, *, total_steps, inplace):
         """Statistics of every live group, one batched network forward, then the heavy-ball
@@ -407,7 +414,7 @@ class AdaptiveRule(Rule):
             v, g0 = v.unbind(), g0.unbind()
         out = []
         for k, view in enumerate(views):
-            up = heavy_ball_group(view, eta[k], s[k], cfg.momentum, cfg.nesterov, inplace)
+            up = self.update(view, eta[k], s[k], cfg, inplace)
             up.state.stats = {"avg_sq_grad": v[k], "first_sq_grad": g0[k]}
             out.append(up)
         return out

@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from .adaptive import AdaptiveRule
+from .adaptive_rms import AdaptiveRmsRule
+from .adaptive_sign import AdaptiveSignRule
 from .layerwise import LayerwiseRule
 from .layerwise_adam import LayerwiseAdamRule
 from .rule import Rule
@@ -17,6 +19,8 @@ RULES: dict[str, Rule] = {r.name: r for r in (
     LayerwiseRule(),
     AdaptiveRule("adaptive", with_momentum=False),
     AdaptiveRule("adaptive-momentum", with_momentum=True),
+    AdaptiveSignRule(),
+    AdaptiveRmsRule(),
     LayerwiseAdamRule(),
 )}
 DEFAULT_RULE = "layerwise"
