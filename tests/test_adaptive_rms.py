@@ -101,3 +101,23 @@ def test_state_is_one_buffer_per_parameter_and_bad_settings(tmp_path):
     path.write_text(open("tasks/sine.toml").read() + "\n[adaptive_rms]\nmomentum = 0.9\n")
     with pytest.raises((SpecError, ValueError), match="no momentum"):
         load_spec(path).rule_config("adaptive-rms")
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_mup_scales_matrices_after_the_first_layer_by_width_over_fan_in(foreach):
+    """On the first step ``G / sqrt(v_hat) = sign(G)`` (eps 0), so every coordinate moves by
+    the step size times its tensor's muP multiplier: 1 for the first layer and the vectors,
+    ``16 / 8`` for the 8-to-8 and 8-to-2 matrices."""
+    cfg = RmsConfig(init_lr=1e-3, eps=0.0, mup_width=16)
+    model = make_model()  # 3-8-8-2
+    x, y = data()
+    before = [p.detach().clone() for p in model.parameters()]
+    run(model, LearnedOptimizer(model.parameters(), untrained(cfg), cfg, total_steps=5, foreach=foreach), 1, x, y)
+    expected = [1.0, 1.0, 2.0, 1.0, 2.0, 1.0]  # weight, bias per Linear
+    for p, b, m in zip(model.parameters(), before, expected):
+        assert torch.allclose((p - b).abs(), torch.full_like(p, 1e-3 * m), rtol=1e-12)
+    off = RmsConfig(init_lr=1e-3, eps=0.0)
+    other = make_model()
+    run(other, LearnedOptimizer(other.parameters(), untrained(off), off, total_steps=5), 1, x, y)
+    assert all(torch.allclose((p - b).abs(), torch.full_like(p, 1e-3), rtol=1e-12)
+               for p, b in zip(other.parameters(), before))

@@ -34,7 +34,7 @@ from test_optim import data, make_model, run
 
 F64 = torch.float64
 SINE = "tasks/sine.toml"
-SMALL = {"hidden": 3, "depth_bins": 2, "time_knots": 3}  # shrunk network and anchors; a t/T schedule
+SMALL = {"hidden": 3, "depth_bins": 2, "time_knots": 3, "mup_width": 4}  # shrunk; a t/T schedule; muP on
 NAMES = list(RULES)
 
 

@@ -371,8 +371,9 @@ class AdaptiveRule(Rule):
         net = meta if differentiable else {k: v.detach().clone() for k, v in meta.items()}
         return _Bound(net, config, list(infos), not differentiable)
 
-    def update(self, view, step_size, scale, config, inplace):
-        """One group's update at the network's factors: the heavy-ball kernel
+    def update(self, view, step_size, scale, config, inplace, info):
+        """One group's update at the network's factors (``info``: the group's
+        :class:`~metascale.optim.groups.GroupInfo`): the heavy-ball kernel
         (:func:`~metascale.optim.layerwise.heavy_ball_group`). Variants over another direction
         override this alone."""
         return heavy_ball_group(view, step_size, scale, config.momentum, config.nesterov, inplace)
@@ -414,7 +415,7 @@ class AdaptiveRule(Rule):
             v, g0 = v.unbind(), g0.unbind()
         out = []
         for k, view in enumerate(views):
-            up = self.update(view, eta[k], s[k], cfg, inplace)
+            up = self.update(view, eta[k], s[k], cfg, inplace, bound.infos[view.index])
             up.state.stats = {"avg_sq_grad": v[k], "first_sq_grad": g0[k]}
             out.append(up)
         return out

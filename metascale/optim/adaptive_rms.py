@@ -17,6 +17,12 @@ size: ``eta * s`` is the step in units of the coordinates' gradient RMS. Untrain
 at zero) the rule *is* ``torch.optim.Adam(lr=eta_0, betas=(0, beta_2), eps=eps)``; with the
 frozen optimizer's decoupled weight decay, ``P <- P (1 - lr eta s wd)`` after the update.
 
+``mup_width = n`` (0: off) adds the per-layer normalisation of muP for Adam-type updates, as
+muLO (Therien et al., 2024) uses for width transfer: every matrix after the model's first layer
+takes its step times ``n / fan_in`` (``fan_in``: a weight's numbers per output unit), the
+first layer's matrices and every vector unscaled. At width ``n`` the rule is unchanged; a layer
+``k`` times wider moves each weight ``k`` times less, so its output changes by about the same.
+
 Why: it normalises every coordinate with one buffer of state (half of Adam's), so layers whose
 coordinates have gradients of very different sizes (recurrent gates, embeddings, deep stacks)
 take usable steps where a heavy ball normalised per layer cannot. The learned schedule and the
@@ -46,12 +52,14 @@ class RmsConfig(AdaptiveConfig):
         init_lr: ``eta_0``, Adam's learning rate of the untrained rule.
         beta2: decay of the per-coordinate mean square gradient ``v``.
         eps: added to the bias-corrected root mean square.
+        mup_width: the base width ``n`` of the muP normalisation (module doc); 0: off.
     """
 
     init_lr: float = dataclasses.field(default=1e-3, metadata=check("float", 1e-8, 100.0))
     momentum: float = dataclasses.field(default=0.0, metadata=check("float", 0.0, 0.999))
     beta2: float = dataclasses.field(default=0.999, metadata=check("float", 0.0, 0.999999))
     eps: float = dataclasses.field(default=1e-8, metadata=check("float", 1e-30, 1.0))
+    mup_width: int = dataclasses.field(default=0, metadata=check("int", 0, 1_000_000))
 
     def validate(self) -> None:
         """Raise ``ValueError`` for inconsistent settings."""
@@ -61,23 +69,34 @@ class RmsConfig(AdaptiveConfig):
         super().validate()
 
 
+def mup_multipliers(params: list[torch.Tensor], info, width: int) -> list[float] | None:
+    """The muP step multipliers ``width / fan_in`` of a group's tensors (module doc): ``None``
+    (all 1) when off, for vectors and for the model's first layer."""
+    if width == 0 or info.role != "matrix" or info.layer == 0:
+        return None
+    return [width * p.shape[0] / p.numel() for p in params]
+
+
 def rms_step(params: list[torch.Tensor], grads: list[torch.Tensor], sqs: list[torch.Tensor | None], *, lr,
-             beta2: float, eps: float, step: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+             beta2: float, eps: float, step: int, mult: list[float] | None = None,
+             ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     r"""Out of place: ``(new_params, new_buffers)`` of the module doc's update at step ``step``
-    (0-based) and step size ``lr`` (``eta * s``; a tensor carries gradients to it)."""
+    (0-based) and step size ``lr`` (``eta * s``; a tensor carries gradients to it), times
+    ``mult[i]`` for tensor ``i`` when given."""
     root_correction = math.sqrt(1 - beta2 ** (step + 1))
     new_p, new_v = [], []
-    for p, g, v in zip(params, grads, sqs):
+    for i, (p, g, v) in enumerate(zip(params, grads, sqs)):
         v = (1 - beta2) * g * g if v is None else beta2 * v + (1 - beta2) * g * g
         # v clamped to the dtype's smallest normal keeps d sqrt/dv finite where G has been 0 (there the step is 0)
         denom = torch.sqrt(v.clamp_min(torch.finfo(v.dtype).tiny)) / root_correction + eps
-        new_p.append(p - lr * (g / denom))
+        new_p.append(p - (lr if mult is None else lr * mult[i]) * (g / denom))
         new_v.append(v)
     return new_p, new_v
 
 
 def rms_step_(params: list[torch.Tensor], grads: list[torch.Tensor], sqs: list[torch.Tensor | None], *, lr: float,
-              beta2: float, eps: float, step: int, foreach: bool = True) -> list[torch.Tensor]:
+              beta2: float, eps: float, step: int, foreach: bool = True,
+              mult: list[float] | None = None) -> list[torch.Tensor]:
     """In place (parameters and buffers; new buffers created); returns the buffers. The
     arithmetic of ``torch.optim.Adam``'s single-tensor path at ``beta1 = 0``: foreach kernels when
     ``foreach``, a loop over tensors otherwise."""
@@ -89,29 +108,34 @@ def rms_step_(params: list[torch.Tensor], grads: list[torch.Tensor], sqs: list[t
         denom = torch._foreach_sqrt(sqs)
         torch._foreach_div_(denom, root_correction)
         torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(params, grads, denom, value=-lr)
+        if mult is None:
+            torch._foreach_addcdiv_(params, grads, denom, value=-lr)
+        else:
+            torch._foreach_addcdiv_(params, grads, denom, [-lr * m for m in mult])
     else:
-        for p, g, v in zip(params, grads, sqs):
+        for i, (p, g, v) in enumerate(zip(params, grads, sqs)):
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            p.addcdiv_(g, (v.sqrt() / root_correction).add_(eps), value=-lr)
+            p.addcdiv_(g, (v.sqrt() / root_correction).add_(eps), value=-lr if mult is None else -lr * mult[i])
     return sqs
 
 
-def rms_group(view: GroupView, step_size, scale, beta2: float, eps: float, inplace: bool) -> GroupUpdate:
+def rms_group(view: GroupView, step_size, scale, beta2: float, eps: float, inplace: bool,
+              mult: list[float] | None = None) -> GroupUpdate:
     """:func:`rms_step` (out of place) or :func:`rms_step_` (in place) on one group's
-    parameters that have a gradient, at step size ``view.lr * step_size * scale``; the step
-    count advances by one."""
+    parameters that have a gradient, at step size ``view.lr * step_size * scale`` (times
+    ``mult``, per parameter, when given); the step count advances by one."""
     eta = step_size if isinstance(view.lr, float) and view.lr == 1.0 else view.lr * step_size
     sqs = view.state.buffers.get(BUFFER) or [None] * len(view.params)
     live = [i for i, g in enumerate(view.grads) if g is not None]
     ps, gs, vs = [view.params[i] for i in live], [view.grads[i] for i in live], [sqs[i] for i in live]
     new_p, new_v = list(view.params), list(sqs)
     t = view.state.step
+    mult = None if mult is None else [mult[i] for i in live]
     if inplace:
         kept = rms_step_(ps, gs, vs, lr=float(eta) * float(scale), beta2=beta2, eps=eps, step=t,
-                         foreach=view.foreach)
+                         foreach=view.foreach, mult=mult)
     else:
-        moved, kept = rms_step(ps, gs, vs, lr=eta * scale, beta2=beta2, eps=eps, step=t)
+        moved, kept = rms_step(ps, gs, vs, lr=eta * scale, beta2=beta2, eps=eps, step=t, mult=mult)
         for i, p in zip(live, moved):
             new_p[i] = p
     for i, v in zip(live, kept):
@@ -139,6 +163,7 @@ class AdaptiveRmsRule(AdaptiveRule):
     def owns(self, config):
         return type(config) is RmsConfig
 
-    def update(self, view, step_size, scale, config, inplace):
-        """:func:`rms_group` at the network's factors."""
-        return rms_group(view, step_size, scale, config.beta2, config.eps, inplace)
+    def update(self, view, step_size, scale, config, inplace, info):
+        """:func:`rms_group` at the network's factors (and the muP multipliers, when on)."""
+        return rms_group(view, step_size, scale, config.beta2, config.eps, inplace,
+                         mup_multipliers(view.params, info, config.mup_width))

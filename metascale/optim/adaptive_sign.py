@@ -136,6 +136,6 @@ class AdaptiveSignRule(AdaptiveRule):
     def owns(self, config):
         return type(config) is SignConfig
 
-    def update(self, view, step_size, scale, config, inplace):
+    def update(self, view, step_size, scale, config, inplace, info):
         """:func:`sign_momentum_group` at the network's factors."""
         return sign_momentum_group(view, step_size, scale, config.interpolation, config.momentum, inplace)
