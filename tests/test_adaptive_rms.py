@@ -121,3 +121,48 @@ def test_mup_scales_matrices_after_the_first_layer_by_width_over_fan_in(foreach)
     run(other, LearnedOptimizer(other.parameters(), untrained(off), off, total_steps=5), 1, x, y)
     assert all(torch.allclose((p - b).abs(), torch.full_like(p, 1e-3), rtol=1e-12)
                for p, b in zip(other.parameters(), before))
+
+
+@pytest.mark.parametrize("name", ["adaptive-rms", "layerwise-adam"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_moments_stay_float32_through_a_state_dict(name, dtype):
+    """Moments of float16/bfloat16 parameters are float32 (``(1 - beta2) G^2`` vanishes in
+    float16). ``torch.optim`` casts loaded state to the parameters' dtype; the frozen optimizer
+    takes them from the state_dict again, so a resumed run continues bit for bit."""
+    import copy
+    import io
+
+    from metascale.spec import load_spec as spec_of
+    rule = RULES[name]
+    cfg = spec_of("tasks/sine.toml").rule_config(name)
+    meta = rule.init_meta(cfg, 20)
+    x, y = data()
+    x, y = x.to(dtype), y.to(dtype)
+
+    def fresh():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)).to(dtype)
+
+    def steps(model, opt, n):
+        for _ in range(n):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x).float(), y.float()).backward()
+            opt.step()
+
+    m1 = fresh()
+    o1 = LearnedOptimizer(m1.parameters(), meta, cfg, total_steps=20)
+    steps(m1, o1, 5)
+    buf = io.BytesIO()
+    torch.save(o1.state_dict(), buf)
+    m2 = copy.deepcopy(m1)
+    o2 = LearnedOptimizer(m2.parameters(), meta, cfg, total_steps=20)
+    buf.seek(0)
+    o2.load_state_dict(torch.load(buf, weights_only=True))
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        for key in rule.buffers:
+            assert o2.state[p2][key].dtype == torch.float32
+            assert torch.equal(o2.state[p2][key], o1.state[p1][key])
+    steps(m1, o1, 5)
+    steps(m2, o2, 5)
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p1, p2) and torch.isfinite(p1).all()

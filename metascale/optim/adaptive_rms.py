@@ -37,6 +37,7 @@ import torch
 
 from ..config import check
 from .adaptive import AdaptiveConfig, AdaptiveRule
+from .kernels import _safe_sqrt, state_like
 from .rule import GroupState, GroupUpdate, GroupView
 
 BUFFER = "exp_avg_sq"
@@ -87,8 +88,7 @@ def rms_step(params: list[torch.Tensor], grads: list[torch.Tensor], sqs: list[to
     new_p, new_v = [], []
     for i, (p, g, v) in enumerate(zip(params, grads, sqs)):
         v = (1 - beta2) * g * g if v is None else beta2 * v + (1 - beta2) * g * g
-        # v clamped to the dtype's smallest normal keeps d sqrt/dv finite where G has been 0 (there the step is 0)
-        denom = torch.sqrt(v.clamp_min(torch.finfo(v.dtype).tiny)) / root_correction + eps
+        denom = _safe_sqrt(v) / root_correction + eps  # d sqrt/dv is 0, not infinite, where G has been 0
         new_p.append(p - (lr if mult is None else lr * mult[i]) * (g / denom))
         new_v.append(v)
     return new_p, new_v
@@ -99,9 +99,14 @@ def rms_step_(params: list[torch.Tensor], grads: list[torch.Tensor], sqs: list[t
               mult: list[float] | None = None) -> list[torch.Tensor]:
     """In place (parameters and buffers; new buffers created); returns the buffers. The
     arithmetic of ``torch.optim.Adam``'s single-tensor path at ``beta1 = 0``: foreach kernels when
-    ``foreach``, a loop over tensors otherwise."""
+    ``foreach``, a loop over tensors otherwise. Buffers of float16/bfloat16 parameters are float32
+    (:func:`~metascale.optim.kernels.state_like`: ``(1 - beta2) G^2`` and ``eps`` vanish in
+    float16); the gradients are widened to them and the update is computed there and rounded
+    once."""
     root_correction = math.sqrt(1 - beta2 ** (step + 1))
-    sqs = [torch.zeros_like(p) if v is None else v for p, v in zip(params, sqs)]
+    sqs = [state_like(p) if v is None else v for p, v in zip(params, sqs)]
+    if any(v.dtype != g.dtype for v, g in zip(sqs, grads)):
+        grads = [g.to(v.dtype) for g, v in zip(grads, sqs)]
     if foreach:
         torch._foreach_mul_(sqs, beta2)
         torch._foreach_addcmul_(sqs, grads, grads, value=1 - beta2)

@@ -113,7 +113,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         (:mod:`metascale.optim.statedict`)."""
         check_state_dict(self, state_dict)
         super().load_state_dict({k: v for k, v in state_dict.items() if k != KEY})
-        match_buffers(self)
+        match_buffers(self, state_dict)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)

@@ -173,15 +173,32 @@ def _check_buffer(value: Any, p: torch.Tensor, where: str) -> None:
         raise StateError(f"{where} is on the meta device (holds no values)")
 
 
-def match_buffers(optimizer: Any) -> None:
-    """Give every buffer its parameter's dtype, device and strides (a copy where they differ)."""
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def match_buffers(optimizer: Any, loaded: dict | None = None) -> None:
+    """Give every buffer its parameter's dtype, device and strides (a copy where they differ),
+    except that a float32 buffer of a float16/bfloat16 parameter stays float32 (the moments of
+    :func:`~metascale.optim.kernels.state_like`). ``loaded``: the ``state_dict`` just loaded;
+    ``torch.optim`` casts its buffers to the parameters' dtype, so float32 moments of
+    low-precision parameters are taken from it again, unrounded."""
+    wide = {}
+    if loaded is not None:
+        saved = [i for g in loaded["param_groups"] for i in g["params"]]
+        for index, p in zip(saved, (p for g in optimizer.param_groups for p in g["params"])):
+            entry = loaded["state"].get(index, {})
+            if p.dtype in LOW_PRECISION:
+                wide[p] = {k: v for k, v in entry.items()
+                           if k in optimizer.rule.buffers and isinstance(v, torch.Tensor) and v.dtype == torch.float32}
     for group in optimizer.param_groups:
         for p in group["params"]:
             entry = optimizer.state.get(p)
             if not entry:
                 continue
             for key in optimizer.rule.buffers:
-                b = entry.get(key)
-                if isinstance(b, torch.Tensor) and (b.dtype != p.dtype or b.device != p.device
-                                                    or b.stride() != p.stride()):
-                    entry[key] = torch.empty_like(p).copy_(b)
+                b = wide.get(p, {}).get(key, entry.get(key))
+                if not isinstance(b, torch.Tensor):
+                    continue
+                dtype = torch.float32 if p.dtype in LOW_PRECISION and b.dtype == torch.float32 else p.dtype
+                if b.dtype != dtype or b.device != p.device or b.stride() != p.stride() or key in wide.get(p, {}):
+                    entry[key] = torch.empty_like(p, dtype=dtype).copy_(b)
