@@ -10,6 +10,6 @@ from .layerwise import LayerwiseConfig
 from .registry import DEFAULT_RULE, RULES, get_rule, rule_for, sgd_config, spec_tables
 from .rule import GroupState, GroupUpdate, GroupView, Rule
 
-__all__ = ["AdaptiveConfig", "RmsConfig", "SignConfig", "LayerwiseConfig", "LearnedOptimizer", "group_infos", "MAPPING_RULE", "ROLES",
-           "GroupInfo", "anchor_weights", "group_parameters", "DEFAULT_RULE", "RULES", "get_rule", "rule_for", "sgd_config",
-           "spec_tables", "GroupState", "GroupUpdate", "GroupView", "Rule"]
+__all__ = ["AdaptiveConfig", "RmsConfig", "SignConfig", "LayerwiseConfig", "LearnedOptimizer", "group_infos",
+           "MAPPING_RULE", "ROLES", "GroupInfo", "anchor_weights", "group_parameters", "DEFAULT_RULE", "RULES", "get_rule",
+           "rule_for", "sgd_config", "spec_tables", "GroupState", "GroupUpdate", "GroupView", "Rule"]

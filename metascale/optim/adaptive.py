@@ -60,14 +60,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from ..config import check
 from .groups import GroupInfo
 from .layerwise import heavy_ball_group
-from .rule import Rule
+from .rule import GroupState, GroupUpdate, GroupView, Rule
 
 NUM_FEATURES = 7
 FEATURES = ("log_grad_rms", "log_param_rms", "grad_rms_vs_average", "average_vs_first",
@@ -252,6 +252,30 @@ def fused_mean_squares(groups: Sequence[Sequence[torch.Tensor]], *more: Sequence
             sq = torch.stack(torch._foreach_norm(flat)).to(dtype) ** 2
         out.append(torch.zeros_like(numel).index_add_(0, owner, sq) / numel)
     return out
+
+
+def one_buffer_group(view: GroupView, key: str, step_size, scale, inplace: bool,
+                     in_place: Callable, out_of_place: Callable) -> GroupUpdate:
+    """One group's update by a kernel with one buffer ``key`` per parameter, on the parameters
+    that have a gradient, at step ``view.lr * step_size * scale``; the step count advances by
+    one. ``in_place(live, params, grads, bufs, lr)`` (``lr`` a float) updates the parameters
+    and returns the buffers; ``out_of_place(...)`` (``lr`` a tensor where it carries gradients)
+    returns ``(new_params, new_bufs)``; ``live`` are the indices of those parameters in the
+    group. Buffers of parameters without a gradient are kept."""
+    eta = step_size if isinstance(view.lr, float) and view.lr == 1.0 else view.lr * step_size
+    bufs = view.state.buffers.get(key) or [None] * len(view.params)
+    live = [i for i, g in enumerate(view.grads) if g is not None]
+    ps, gs, bs = [view.params[i] for i in live], [view.grads[i] for i in live], [bufs[i] for i in live]
+    new_p, new_b = list(view.params), list(bufs)
+    if inplace:
+        kept = in_place(live, ps, gs, bs, float(eta) * float(scale))
+    else:
+        moved, kept = out_of_place(live, ps, gs, bs, eta * scale)
+        for i, p in zip(live, moved):
+            new_p[i] = p
+    for i, b in zip(live, kept):
+        new_b[i] = b
+    return GroupUpdate(new_p, GroupState(view.state.step + 1, {key: new_b}, {}), eta, scale)
 
 
 # --------------------------------------------------------------------------- the rule

@@ -36,9 +36,9 @@ import math
 import torch
 
 from ..config import check
-from .adaptive import AdaptiveConfig, AdaptiveRule
+from .adaptive import AdaptiveConfig, AdaptiveRule, one_buffer_group
 from .kernels import _safe_sqrt, state_like
-from .rule import GroupState, GroupUpdate, GroupView
+from .rule import GroupUpdate, GroupView
 
 BUFFER = "exp_avg_sq"
 
@@ -128,24 +128,15 @@ def rms_group(view: GroupView, step_size, scale, beta2: float, eps: float, inpla
               mult: list[float] | None = None) -> GroupUpdate:
     """:func:`rms_step` (out of place) or :func:`rms_step_` (in place) on one group's
     parameters that have a gradient, at step size ``view.lr * step_size * scale`` (times
-    ``mult``, per parameter, when given); the step count advances by one."""
-    eta = step_size if isinstance(view.lr, float) and view.lr == 1.0 else view.lr * step_size
-    sqs = view.state.buffers.get(BUFFER) or [None] * len(view.params)
-    live = [i for i, g in enumerate(view.grads) if g is not None]
-    ps, gs, vs = [view.params[i] for i in live], [view.grads[i] for i in live], [sqs[i] for i in live]
-    new_p, new_v = list(view.params), list(sqs)
+    ``mult``, per parameter, when given); the step count advances by one
+    (:func:`~metascale.optim.adaptive.one_buffer_group`)."""
     t = view.state.step
-    mult = None if mult is None else [mult[i] for i in live]
-    if inplace:
-        kept = rms_step_(ps, gs, vs, lr=float(eta) * float(scale), beta2=beta2, eps=eps, step=t,
-                         foreach=view.foreach, mult=mult)
-    else:
-        moved, kept = rms_step(ps, gs, vs, lr=eta * scale, beta2=beta2, eps=eps, step=t, mult=mult)
-        for i, p in zip(live, moved):
-            new_p[i] = p
-    for i, v in zip(live, kept):
-        new_v[i] = v
-    return GroupUpdate(new_p, GroupState(t + 1, {BUFFER: new_v}, {}), eta, scale)
+    of = lambda live: None if mult is None else [mult[i] for i in live]
+    return one_buffer_group(
+        view, BUFFER, step_size, scale, inplace,
+        lambda live, ps, gs, vs, lr: rms_step_(ps, gs, vs, lr=lr, beta2=beta2, eps=eps, step=t,
+                                               foreach=view.foreach, mult=of(live)),
+        lambda live, ps, gs, vs, lr: rms_step(ps, gs, vs, lr=lr, beta2=beta2, eps=eps, step=t, mult=of(live)))
 
 
 class AdaptiveRmsRule(AdaptiveRule):

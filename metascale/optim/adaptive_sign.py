@@ -34,8 +34,8 @@ import dataclasses
 import torch
 
 from ..config import check
-from .adaptive import AdaptiveConfig, AdaptiveRule
-from .rule import GroupState, GroupUpdate, GroupView
+from .adaptive import AdaptiveConfig, AdaptiveRule, one_buffer_group
+from .rule import GroupUpdate, GroupView
 
 BUFFER = "momentum_buffer"
 
@@ -100,22 +100,11 @@ def sign_momentum_group(view: GroupView, step_size, scale, beta1: float, beta2: 
                         inplace: bool) -> GroupUpdate:
     """:func:`sign_momentum` (out of place) or :func:`sign_momentum_` (in place) on one group's
     parameters that have a gradient, at distance ``view.lr * step_size * scale``; the step
-    count advances by one."""
-    eta = step_size if isinstance(view.lr, float) and view.lr == 1.0 else view.lr * step_size
-    bufs = view.state.buffers.get(BUFFER) or [None] * len(view.params)
-    live = [i for i, g in enumerate(view.grads) if g is not None]
-    ps, gs, bs = [view.params[i] for i in live], [view.grads[i] for i in live], [bufs[i] for i in live]
-    new_p, new_b = list(view.params), list(bufs)
-    if inplace:
-        kept = sign_momentum_(ps, gs, bs, lr=float(eta) * float(scale), beta1=beta1, beta2=beta2,
-                              foreach=view.foreach)
-    else:
-        moved, kept = sign_momentum(ps, gs, bs, lr=eta * scale, beta1=beta1, beta2=beta2)
-        for i, p in zip(live, moved):
-            new_p[i] = p
-    for i, b in zip(live, kept):
-        new_b[i] = b
-    return GroupUpdate(new_p, GroupState(view.state.step + 1, {BUFFER: new_b}, {}), eta, scale)
+    count advances by one (:func:`~metascale.optim.adaptive.one_buffer_group`)."""
+    return one_buffer_group(
+        view, BUFFER, step_size, scale, inplace,
+        lambda live, ps, gs, bs, lr: sign_momentum_(ps, gs, bs, lr=lr, beta1=beta1, beta2=beta2, foreach=view.foreach),
+        lambda live, ps, gs, bs, lr: sign_momentum(ps, gs, bs, lr=lr, beta1=beta1, beta2=beta2))
 
 
 class AdaptiveSignRule(AdaptiveRule):
