@@ -6,6 +6,9 @@ made on this measure, never on the held-out suite.
     OMP_NUM_THREADS=1 python benchmarks/validation_draws.py --spec tasks/long_mixture.toml \
         untrained mix1k-v1 runs/x/optimizer.safetensors --draws 12 --jobs 2 --out results.json
 
+``--windows N`` measures at another horizon (``N * steps``) on the same draws, e.g. ``--windows
+250`` for T = 5,000 on a spec of 50 windows of 20 steps.
+
 ``untrained`` is the spec's ``--rule`` before meta-training (``--time-eta a,b,...`` sets its
 learned ``t/T`` schedule of log step-size offsets by hand: a hand-designed decay to compare
 with). The draws are those of the trainer's selection measure
@@ -49,8 +52,9 @@ def _one(item: dict) -> float:
     spec = load_spec(item["spec"])
     cfg, meta = _candidate(item["name"], spec, item["rule"], item["time_eta"])
     task = selection_sampler(spec, item["seed"]).task(item["draw"])
+    inner = spec.inner if item["windows"] is None else dataclasses.replace(spec.inner, windows=item["windows"])
     with torch.no_grad():
-        value, _ = windows_objective(task, meta, cfg, spec.inner, None)
+        value, _ = windows_objective(task, meta, cfg, inner, None)
     return value
 
 
@@ -61,17 +65,21 @@ def main() -> None:
     ap.add_argument("--rule", default="adaptive-momentum", help="the rule of 'untrained' (default %(default)s)")
     ap.add_argument("--time-eta", help="comma-separated log step-size offsets at evenly spaced t/T knots for "
                                        "'untrained' (a hand-set decay)")
+    ap.add_argument("--windows", type=int, help="windows per run instead of the spec's [inner] windows (the "
+                                                   "horizon is windows * steps; the draws stay the same)")
     ap.add_argument("--draws", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out")
     args = ap.parse_args()
     time_eta = [float(x) for x in args.time_eta.split(",")] if args.time_eta else None
-    items = [{"spec": args.spec, "name": n, "rule": args.rule, "time_eta": time_eta, "seed": args.seed, "draw": d}
+    items = [{"spec": args.spec, "name": n, "rule": args.rule, "time_eta": time_eta, "seed": args.seed, "draw": d,
+              "windows": args.windows}
              for n in args.optimizers for d in range(args.draws)]
     t0 = time.time()
     values = map_jobs(_one, items, args.jobs)
-    out = {"spec": args.spec, "draws": args.draws, "seed": args.seed, "time_eta": time_eta, "results": {}}
+    out = {"spec": args.spec, "windows": args.windows, "draws": args.draws, "seed": args.seed, "time_eta": time_eta,
+           "results": {}}
     for k, n in enumerate(args.optimizers):
         v = values[k * args.draws:(k + 1) * args.draws]
         finite = [x for x in v if math.isfinite(x)]

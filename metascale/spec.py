@@ -68,6 +68,13 @@ class InnerConfig:
             (their effect reaches the counted windows through PES's perturbation sums, or
             through the carried graph of full backpropagation; truncated backpropagation
             gets no gradient from them).
+        mixed_windows: window counts ``N_1 .. N_n`` to meta-train over several horizons at once:
+            the meta-batch is cut into ``n`` consecutive blocks and task ``j`` of ``B`` runs
+            ``mixed_windows[floor(j n / B)]`` windows (:meth:`for_task`; consecutive blocks share
+            the horizons evenly between ranks, which take every ``size``-th task). ``windows``
+            stays the default horizon (of an exported file, evaluation and the selection
+            measure). Unset: every task runs ``windows``. Not with the PES estimator, whose
+            particles carry one horizon.
     """
 
     steps: int = dataclasses.field(default=20, metadata=check("int", 1, 10_000))
@@ -76,13 +83,23 @@ class InnerConfig:
     engine: str = dataclasses.field(default="higher", metadata=check("str", choices=ENGINES))
     windows: int = dataclasses.field(default=1, metadata=check("int", 1, 1_000_000))
     tail: float = dataclasses.field(default=1.0, metadata=check("float", 1e-6, 1.0))
+    mixed_windows: tuple | None = dataclasses.field(default=None, metadata=check("int_list", 1, 1_000_000))
 
     def validate(self) -> None:
         """Raise ``ValueError`` for a horizon past :data:`MAX_HORIZON` (per-step meta-parameters,
         schedules and trajectories grow with it)."""
-        if self.windows * self.steps > MAX_HORIZON:
-            raise ValueError(f"windows * steps = {self.windows} * {self.steps} = {self.windows * self.steps} inner "
-                             f"steps; at most {MAX_HORIZON}")
+        for windows in (self.windows, *(self.mixed_windows or ())):
+            if windows * self.steps > MAX_HORIZON:
+                raise ValueError(f"windows * steps = {windows} * {self.steps} = {windows * self.steps} inner "
+                                 f"steps; at most {MAX_HORIZON}")
+
+    def for_task(self, j: int, batch: int) -> "InnerConfig":
+        r"""The config task ``j`` of a meta-batch of ``batch`` runs: ``windows`` replaced by
+        ``mixed_windows[floor(j n / batch)]`` (``n`` counts; this config when unset)."""
+        if self.mixed_windows is None:
+            return self
+        n = len(self.mixed_windows)
+        return dataclasses.replace(self, windows=self.mixed_windows[j * n // batch], mixed_windows=None)
 
     @property
     def horizon(self) -> int:
@@ -273,10 +290,14 @@ def spec_from_dict(data: dict, name: str, where: str, path: str | None = None, *
     description = data.get("description", "")
     if not isinstance(description, str):
         raise SpecError(f"{where}: description must be a string")
+    inner = from_table(InnerConfig, data.get("inner"), f"{where} [inner]")
+    meta = from_table(MetaConfig, data.get("meta"), f"{where} [meta]")
+    if inner.mixed_windows is not None and meta.estimator == "pes":
+        raise SpecError(f"{where} [inner]: mixed_windows is not allowed with [meta] estimator = 'pes' (its "
+                        "particles carry one horizon); use 'backprop', 'truncated' or 'es'")
     return Spec(name=name, description=description, family_name=fname,
                 family=family if opaque else from_table(entry[1], family, f"{where} [family]"),
-                inner=from_table(InnerConfig, data.get("inner"), f"{where} [inner]"),
-                meta=from_table(MetaConfig, data.get("meta"), f"{where} [meta]"),
+                inner=inner, meta=meta,
                 evaluate=from_table(EvaluateConfig, data.get("evaluate"), f"{where} [evaluate]"),
                 rules={t: from_table(cls, data.get(t), f"{where} [{t}]") for t, cls in spec_tables().items()},
                 path=path)

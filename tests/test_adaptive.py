@@ -3,6 +3,7 @@ size, state_dict resumption, export and the command line."""
 from __future__ import annotations
 
 import json
+import math
 
 import higher
 import pytest
@@ -16,7 +17,7 @@ from metascale.export import read_optimizer, save_optimizer
 from metascale.inner.func_engine import unroll_func
 from metascale.inner.higher_engine import differentiable_optimizer, unroll
 from metascale.optim import RULES, AdaptiveConfig, LearnedOptimizer, rule_for
-from metascale.optim.adaptive import NET_NAMES, adaptive_factors, adaptive_features, net_shapes
+from metascale.optim.adaptive import NET_NAMES, adaptive_factors, adaptive_features, horizon_weights, net_shapes
 from metascale.optim.groups import anchor_weights
 from metascale.spec import load_spec
 from metascale.tasks import SineConfig, SineFamily, TaskSampler
@@ -319,3 +320,37 @@ def test_closure_and_sparse_gradients(rule):
     with pytest.raises(RuntimeError, match="does not support sparse gradients"):
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(lin_before, lin.parameters()))
+
+
+def test_schedule_per_horizon_interpolates_in_log_T():
+    """time_horizons = (1000, 4000): at T = 1000 the first anchor's schedule, at 4000 the
+    second's, held beyond both ends, and at the geometric mean 2000 the mean of the two (log T
+    halfway); within a run the t/T knots interpolate as before."""
+    cfg = AdaptiveConfig(init_lr=0.1, hidden=3, bound=50.0, table_steps=0, time_knots=3, time_horizons=(1000, 4000))
+    net = init_net(cfg, dtype=F64)
+    assert net["time"].shape == (2, 3, 2)
+    d_short = torch.tensor([[0.0, 1.0, -1.0], [0.2, 0.0, 0.0]], dtype=F64)
+    d_long = torch.tensor([[0.5, -2.0, -3.0], [0.0, 0.0, 0.4]], dtype=F64)
+    net["time"] = torch.stack([d_short, d_long], dim=-1)
+    x = torch.zeros(3, 7, dtype=F64)
+    x[:, 4] = torch.tensor([0.0, 0.25, 1.0], dtype=F64)
+    bounded = lambda r: torch.exp(50 * torch.tanh(r / 50))
+    hat = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]], dtype=F64)
+    for T, d in ((1000, d_short), (500, d_short), (4000, d_long), (20_000, d_long), (2000, (d_short + d_long) / 2)):
+        eta, s = adaptive_factors(net, x, cfg, [0] * 3, T)
+        assert torch.allclose(eta, 0.1 * bounded(hat @ d[0]), rtol=1e-12), T
+        assert torch.allclose(s, bounded(hat @ d[1]), rtol=1e-12), T
+    assert horizon_weights(3000, (1000, 3000, 9000)) == [0.0, 1.0, 0.0]
+    assert horizon_weights(6000, (1000, 3000, 9000))[1:] == pytest.approx([1 - math.log(2) / math.log(3),
+                                                                           math.log(2) / math.log(3)])
+    with pytest.raises(ValueError, match="needs the run's horizon"):
+        adaptive_factors(net, x, cfg, [0] * 3)
+
+
+@pytest.mark.parametrize("bad, match", [((1000,), "at least 2 increasing"), ((5000, 1000), "at least 2 increasing"),
+                                        ((1000, 1000), "at least 2 increasing")])
+def test_schedule_per_horizon_rejects_bad_anchors(bad, match):
+    with pytest.raises(ValueError, match=match):
+        AdaptiveConfig(time_knots=3, time_horizons=bad).validate()
+    with pytest.raises(ValueError, match="set time_knots"):
+        AdaptiveConfig(time_horizons=(1000, 5000)).validate()

@@ -26,7 +26,7 @@ from metascale.inner.func_engine import unroll_func
 from metascale.meta import MetaTrainer
 from metascale.meta.estimators import PES, es_gradient, es_row, flatten, perturbation
 from metascale.optim import RULES, LayerwiseConfig
-from metascale.spec import InnerConfig, load_spec
+from metascale.spec import InnerConfig, SpecError, load_spec
 from metascale.tasks.base import Task
 
 F64 = torch.float64
@@ -238,3 +238,41 @@ def test_pes_two_gloo_ranks_equal_one_process(tmp_path):
     la = [json.loads(line)["meta_loss"] for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(line)["meta_loss"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert la == lb and len(la) == 4
+
+
+@pytest.mark.parametrize("est", ["backprop", "truncated", "es"])
+def test_mixed_windows_give_each_block_of_the_meta_batch_its_horizon(tmp_path, est, monkeypatch):
+    """[inner] mixed_windows = [1, 3]: tasks 0, 1 of the meta-batch of 4 run 1 window of 2
+    steps (T = 2), tasks 2, 3 run 3 windows (T = 6), and every window's rule reads its own
+    task's horizon; mixed_windows = [3, 3] is the plain spec, bit for bit."""
+    import metascale.meta.estimators as estimators
+    import metascale.meta.trainer as trainer
+    seen = []
+    for module in (trainer, estimators):
+        real = module.unroll_func
+        def spy(*a, real=real, **k):
+            seen.append(k["total_steps"])
+            return real(*a, **k)
+        monkeypatch.setattr(module, "unroll_func", spy)
+    text = SPEC.format(est=est).replace("windows = 3\n", "windows = 3\nmixed_windows = [1, 3]\n")
+    (tmp_path / "mixed.toml").write_text(text)
+    MetaTrainer(load_spec(tmp_path / "mixed.toml"), seed=0, device="cpu", progress=False, meta_steps=1,
+                rule="layerwise").train()
+    per_run = [2] + [6] * 3  # one task's run: a window of T = 2, or 3 windows of T = 6
+    pairs = 2 if est == "es" else 1  # ES: an antithetic pair of runs per task
+    assert seen == (per_run[:1] * pairs) * 2 + (per_run[1:] * pairs) * 2
+    (tmp_path / "same.toml").write_text(SPEC.format(est=est).replace("windows = 3\n", "windows = 3\nmixed_windows = [3, 3]\n"))
+    run = lambda path: MetaTrainer(load_spec(path), seed=0, device="cpu", progress=False, meta_steps=2,
+                                   rule="layerwise").train().meta
+    a, b = run(tmp_path / "same.toml"), run(spec_for(tmp_path, est).path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mixed_windows_are_refused_with_pes(tmp_path):
+    (tmp_path / "pes.toml").write_text(SPEC.format(est="pes").replace("windows = 3\n", "windows = 3\nmixed_windows = [1, 3]\n"))
+    with pytest.raises(SpecError, match="mixed_windows is not allowed with"):
+        load_spec(tmp_path / "pes.toml")
+    assert InnerConfig(steps=2, windows=3, mixed_windows=(1, 3)).for_task(1, 4).windows == 1
+    assert InnerConfig(steps=2, windows=3, mixed_windows=(1, 3)).for_task(2, 4).horizon == 6
+    with pytest.raises(ValueError, match="at most"):
+        InnerConfig(steps=1000, windows=1, mixed_windows=(1, 200)).validate()

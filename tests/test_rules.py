@@ -36,6 +36,10 @@ F64 = torch.float64
 SINE = "tasks/sine.toml"
 SMALL = {"hidden": 3, "depth_bins": 2, "time_knots": 3, "mup_width": 4}  # shrunk; a t/T schedule; muP on
 NAMES = list(RULES)
+PER_HORIZON = {"time_horizons": (2, 20)}  # a t/T schedule per horizon anchor; the tests' horizons lie between
+CASES = [(n, {}) for n in NAMES] + [(n, PER_HORIZON) for n in NAMES
+                                     if "time_horizons" in {f.name for f in dataclasses.fields(RULES[n].config_type)}]
+CASE_IDS = [n + ("-per-horizon" if over else "") for n, over in CASES]
 
 
 def config(name: str, horizon: int, **over):
@@ -61,9 +65,9 @@ def small_task(index: int = 0):
     return TaskSampler(fam, "train", seed=5, batch_size=4).task(index)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_frozen_step_equals_the_differentiable_step(name):
-    cfg = config(name, 8)
+@pytest.mark.parametrize("name, over", CASES, ids=CASE_IDS)
+def test_frozen_step_equals_the_differentiable_step(name, over):
+    cfg = config(name, 8, **over)
     meta = perturbed(name, cfg, 8)
     x, y = data()
     m1, m2 = make_model(), make_model()
@@ -110,9 +114,9 @@ def test_windows_compose_into_one_unroll(name):
         assert torch.allclose(x, y, rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_meta_gradient_gradcheck(name):
-    cfg = config(name, 3)
+@pytest.mark.parametrize("name, over", CASES, ids=CASE_IDS)
+def test_meta_gradient_gradcheck(name, over):
+    cfg = config(name, 3, **over)
     base = perturbed(name, cfg, 3, seed=3)
     names = list(base)
     task = small_task(2)

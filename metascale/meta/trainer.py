@@ -303,20 +303,22 @@ class MetaTrainer:
         if cfg.estimator == "pes":
             row = pes.row(j, step, meta)
         elif cfg.estimator == "es":
-            row = es_row(sampler.task(step * cfg.batch_size + j), meta, rule, self.spec.inner, cfg.sigma, cfg.pairs,
-                         self.seed, step, j, self.device)
+            row = es_row(sampler.task(step * cfg.batch_size + j), meta, rule, self.spec.inner.for_task(j, cfg.batch_size),
+                         cfg.sigma, cfg.pairs, self.seed, step, j, self.device)
         else:
-            return self._task_row(sampler.task(step * cfg.batch_size + j), meta, rule, loss_fn, params)
+            return self._task_row(sampler.task(step * cfg.batch_size + j), meta, rule, loss_fn, params,
+                                  self.spec.inner.for_task(j, cfg.batch_size))
         if row is None or not torch.isfinite(row).all():
             return torch.zeros(2 + n, dtype=torch.float64, device=self.device)
         return row
 
-    def _task_row(self, task, meta, rule, loss_fn, params):
+    def _task_row(self, task, meta, rule, loss_fn, params, inner=None):
         """``[finite, meta-loss, flat meta-gradient]`` of one task (float64 row; zeros when the
         meta-loss or its gradient is not finite, so the task is skipped). With ``params=None``
         only the meta-loss, a float (``None`` if not finite), with no meta-gradient: the unroll
-        then builds no second-order graph (the same values)."""
-        inner = self.spec.inner
+        then builds no second-order graph (the same values). ``inner``: the task's
+        :class:`~metascale.spec.InnerConfig` (default the spec's)."""
+        inner = inner or self.spec.inner
         n = 0 if params is None else sum(v.numel() for v in params)
         bad = None if params is None else torch.zeros(2 + n, dtype=torch.float64, device=self.device)
         flat, total, state = torch.zeros(n, dtype=torch.float64, device=self.device), 0.0, None

@@ -45,7 +45,11 @@ training done: (log step size, log scale) offsets at ``K`` evenly spaced knots o
 the table it stretches with the horizon, and unlike the network's smooth ``t/T`` terms one
 knot moves one stretch of the run, so a decay to a small step at the end of training (what
 held-out long runs on small data need, docs/benchmarks.md) is a few numbers that an
-evolution-strategies estimate finds quickly. ``W_l``, ``W_2``, ``b_2``, ``S`` and ``D`` start at zero, so the untrained rule *is* ``torch.optim.SGD(lr=eta_0,
+evolution-strategies estimate finds quickly. With ``time_horizons`` :math:`T_1 < .. < T_A` there
+is one such schedule per anchor horizon, :math:`D_k = \sum_a w_a(T) D_{k,a}`, interpolated
+linearly in :math:`\log T` (:func:`horizon_weights`): a t/T schedule does not transfer between
+horizons (a run that overfits small data at T = 5,000 wants its decay earlier than one of
+1,000 steps), and this lets one file hold a schedule for each. ``W_l``, ``W_2``, ``b_2``, ``S`` and ``D`` start at zero, so the untrained rule *is* ``torch.optim.SGD(lr=eta_0,
 momentum=mu)``; ``B`` bounds ``|log(eta/eta_0)|`` and ``|log s|``.
 
 Two variants: ``momentum = 0`` keeps **no per-parameter state** (three floats per group:
@@ -99,6 +103,9 @@ class AdaptiveConfig:
         depth_bins: depth anchors of the offset table (input ... output).
         time_knots: knots ``K`` of the learned schedule ``D`` in ``t/T`` (0: none; at least 2
             otherwise).
+        time_horizons: horizons ``T_1 < .. < T_A`` (at least 2) with a schedule ``D`` each,
+            interpolated linearly in ``log T`` and held beyond the ends (unset: one schedule
+            for every horizon; needs ``time_knots``).
     """
 
     init_lr: float = dataclasses.field(default=0.01, metadata=check("float", 1e-8, 100.0))
@@ -110,6 +117,7 @@ class AdaptiveConfig:
     table_steps: int | None = dataclasses.field(default=None, metadata=check("int", 0, 100_000))
     depth_bins: int = dataclasses.field(default=3, metadata=check("int", 1, 64))
     time_knots: int = dataclasses.field(default=0, metadata=check("int", 0, 1024))
+    time_horizons: tuple | None = dataclasses.field(default=None, metadata=check("int_list", 1, 10_000_000))
 
     def validate(self) -> None:
         """Raise ``ValueError`` for inconsistent settings."""
@@ -117,6 +125,12 @@ class AdaptiveConfig:
             raise ValueError("nesterov = true needs momentum > 0")
         if self.time_knots == 1:
             raise ValueError("time_knots = 1 is a constant, which b2 already is; use 0 (none) or at least 2")
+        if self.time_horizons is not None:
+            h = self.time_horizons
+            if len(h) < 2 or any(b <= a for a, b in zip(h, h[1:])):
+                raise ValueError(f"time_horizons = {list(h)}: expected at least 2 increasing horizons")
+            if self.time_knots == 0:
+                raise ValueError("time_horizons needs a schedule in t/T: set time_knots >= 2")
 
 
 def net_shapes(config: AdaptiveConfig) -> dict[str, tuple[int, ...]]:
@@ -125,8 +139,8 @@ def net_shapes(config: AdaptiveConfig) -> dict[str, tuple[int, ...]]:
     shapes = {"w1": (h, f), "b1": (h,), "w2": (2, h), "b2": (2,), "wl": (2, f)}
     if config.table_steps > 0:  # (output, role, depth anchor, step)
         shapes[TABLE] = (2, 2, config.depth_bins, config.table_steps)
-    if config.time_knots > 0:  # (output, knot)
-        shapes[TIME] = (2, config.time_knots)
+    if config.time_knots > 0:  # (output, knot[, horizon])
+        shapes[TIME] = (2, config.time_knots, *(() if config.time_horizons is None else (len(config.time_horizons),)))
     return shapes
 
 
@@ -168,6 +182,22 @@ def hat_weights(x: torch.Tensor, n: int) -> torch.Tensor:
     return (1.0 - (pos[:, None] - torch.arange(n, dtype=x.dtype, device=x.device)).abs()).clamp_min(0.0)
 
 
+def horizon_weights(horizon: int, anchors: Sequence[int]) -> list[float]:
+    r"""Linear-interpolation weights in :math:`\log T` of horizon ``T`` over the increasing
+    ``anchors`` :math:`T_1 < .. < T_A` (they sum to 1; held at the end anchors beyond them):
+    between :math:`T_i` and :math:`T_{i+1}`,
+    :math:`w_{i+1} = \log(T/T_i) / \log(T_{i+1}/T_i) = 1 - w_i`."""
+    x = min(max(math.log(horizon), math.log(anchors[0])), math.log(anchors[-1]))
+    w = [0.0] * len(anchors)
+    for i in range(len(anchors) - 1):
+        lo, hi = math.log(anchors[i]), math.log(anchors[i + 1])
+        if x <= hi:
+            w[i + 1] = (x - lo) / (hi - lo)
+            w[i] = 1.0 - w[i + 1]
+            return w
+    return w  # unreachable: x <= log(anchors[-1])
+
+
 def table_offsets(table: torch.Tensor, features: torch.Tensor, steps: list[int]) -> torch.Tensor:
     r"""``(G, 2)`` offsets :math:`S[\rho_g, d_g, \min(t_g, n-1)]` of the ``(2, 2, bins, n)`` table
     at each row's role (feature 5; ``+1`` is index 0, matrix), relative depth (feature 6,
@@ -182,18 +212,25 @@ def table_offsets(table: torch.Tensor, features: torch.Tensor, steps: list[int])
 
 
 def adaptive_factors(net: dict[str, torch.Tensor], features: torch.Tensor,
-                     config: AdaptiveConfig, steps: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+                     config: AdaptiveConfig, steps: list[int],
+                     horizon: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Step sizes and rescaling factors ``(eta, s)``, each of shape ``(G,)``, at steps ``steps``
     (one per row) from the feature matrix:
     :math:`r = W_\ell x + W_2\tanh(W_1x+b_1) + b_2 + S[\rho, d, \min(t, n-1)] + \sum_k h_k(t/T) D_k`
-    (``t/T``: feature 4),
+    (``t/T``: feature 4; with ``time_horizons``, :math:`D_k = \sum_a w_a(T) D_{k,a}` by
+    :func:`horizon_weights` of the run's ``horizon`` ``T``),
     :math:`\eta = \eta_0 e^{B\tanh(r_0/B)}`, :math:`s = e^{B\tanh(r_1/B)}`."""
     x = features.to(net["w1"].dtype)
     r = x @ net["wl"].T + torch.tanh(x @ net["w1"].T + net["b1"]) @ net["w2"].T + net["b2"]
     if TABLE in net:
         r = r + table_offsets(net[TABLE], x, steps)
     if TIME in net:
-        r = r + hat_weights(x[:, 4], net[TIME].shape[1]) @ net[TIME].T
+        d = net[TIME]
+        if d.dim() == 3:  # one schedule per horizon anchor: interpolate in log T
+            if horizon is None:
+                raise ValueError("a schedule per horizon (time_horizons) needs the run's horizon")
+            d = d @ torch.tensor(horizon_weights(horizon, config.time_horizons), dtype=d.dtype, device=d.device)
+        r = r + hat_weights(x[:, 4], d.shape[1]) @ d.T
     b = config.bound
     log_change = b * torch.tanh(r / b)
     return config.init_lr * torch.exp(log_change[:, 0]), torch.exp(log_change[:, 1])
@@ -378,7 +415,10 @@ class AdaptiveRule(Rule):
             k = d.shape[1]
             lines.append("learned schedule in t/T: step-size multiplier exp(D_eta) x rescaling factor exp(D_s) at "
                          + ", ".join(f"{j / (k - 1):.2f}" for j in range(k)) + ":")
-            lines.append("  " + ", ".join(f"{float(m):.3g}" for m in torch.exp(d[0] + d[1])))
+            if d.dim() == 2:
+                lines.append("  " + ", ".join(f"{float(m):.3g}" for m in torch.exp(d[0] + d[1])))
+            for a, T in enumerate(config.time_horizons if d.dim() == 3 else ()):
+                lines.append(f"  T = {T:<6} " + ", ".join(f"{float(m):.3g}" for m in torch.exp(d[0, :, a] + d[1, :, a])))
         if TABLE in meta:
             tab, (bins, n) = meta[TABLE], meta[TABLE].shape[2:]
             cols = sorted({round(i * (n - 1) / 4) for i in range(5)})
@@ -432,7 +472,8 @@ class AdaptiveRule(Rule):
         roles, depths = bound.roles_depths(tuple(v.index for v in views), dtype, device)
         frac = steps[0] / total_steps if len(set(steps)) == 1 else torch.tensor(steps, dtype=dtype,
                                                                                 device=device) / total_steps
-        eta, s = adaptive_factors(net, adaptive_features(g_ms, p_ms, v_hat, g0, frac, roles, depths), cfg, steps)
+        eta, s = adaptive_factors(net, adaptive_features(g_ms, p_ms, v_hat, g0, frac, roles, depths), cfg, steps,
+                                  total_steps)
         if inplace:
             eta, s, v, g0 = eta.tolist(), s.tolist(), v.tolist(), g0.tolist()
         else:
