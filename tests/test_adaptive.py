@@ -336,7 +336,8 @@ def test_schedule_per_horizon_interpolates_in_log_T():
     x[:, 4] = torch.tensor([0.0, 0.25, 1.0], dtype=F64)
     bounded = lambda r: torch.exp(50 * torch.tanh(r / 50))
     hat = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]], dtype=F64)
-    for T, d in ((1000, d_short), (500, d_short), (4000, d_long), (20_000, d_long), (2000, (d_short + d_long) / 2)):
+    for T, d in ((1000, d_short), (500, d_short), (4000, d_long), (20_000, d_long),
+                 (2000, (d_short + d_long) / 2)):
         eta, s = adaptive_factors(net, x, cfg, [0] * 3, T)
         assert torch.allclose(eta, 0.1 * bounded(hat @ d[0]), rtol=1e-12), T
         assert torch.allclose(s, bounded(hat @ d[1]), rtol=1e-12), T
@@ -347,10 +348,9 @@ def test_schedule_per_horizon_interpolates_in_log_T():
         adaptive_factors(net, x, cfg, [0] * 3)
 
 
-@pytest.mark.parametrize("bad, match", [((1000,), "at least 2 increasing"), ((5000, 1000), "at least 2 increasing"),
-                                        ((1000, 1000), "at least 2 increasing")])
-def test_schedule_per_horizon_rejects_bad_anchors(bad, match):
-    with pytest.raises(ValueError, match=match):
+@pytest.mark.parametrize("bad", [(1000,), (5000, 1000), (1000, 1000)])
+def test_schedule_per_horizon_rejects_bad_anchors(bad):
+    with pytest.raises(ValueError, match="at least 2 increasing"):
         AdaptiveConfig(time_knots=3, time_horizons=bad).validate()
     with pytest.raises(ValueError, match="set time_knots"):
         AdaptiveConfig(time_horizons=(1000, 5000)).validate()

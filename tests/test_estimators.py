@@ -261,7 +261,8 @@ def test_mixed_windows_give_each_block_of_the_meta_batch_its_horizon(tmp_path, e
     per_run = [2] + [6] * 3  # one task's run: a window of T = 2, or 3 windows of T = 6
     pairs = 2 if est == "es" else 1  # ES: an antithetic pair of runs per task
     assert seen == (per_run[:1] * pairs) * 2 + (per_run[1:] * pairs) * 2
-    (tmp_path / "same.toml").write_text(SPEC.format(est=est).replace("windows = 3\n", "windows = 3\nmixed_windows = [3, 3]\n"))
+    same = SPEC.format(est=est).replace("windows = 3\n", "windows = 3\nmixed_windows = [3, 3]\n")
+    (tmp_path / "same.toml").write_text(same)
     run = lambda path: MetaTrainer(load_spec(path), seed=0, device="cpu", progress=False, meta_steps=2,
                                    rule="layerwise").train().meta
     a, b = run(tmp_path / "same.toml"), run(spec_for(tmp_path, est).path)
@@ -269,7 +270,8 @@ def test_mixed_windows_give_each_block_of_the_meta_batch_its_horizon(tmp_path, e
 
 
 def test_mixed_windows_are_refused_with_pes(tmp_path):
-    (tmp_path / "pes.toml").write_text(SPEC.format(est="pes").replace("windows = 3\n", "windows = 3\nmixed_windows = [1, 3]\n"))
+    mixed = SPEC.format(est="pes").replace("windows = 3\n", "windows = 3\nmixed_windows = [1, 3]\n")
+    (tmp_path / "pes.toml").write_text(mixed)
     with pytest.raises(SpecError, match="mixed_windows is not allowed with"):
         load_spec(tmp_path / "pes.toml")
     assert InnerConfig(steps=2, windows=3, mixed_windows=(1, 3)).for_task(1, 4).windows == 1

@@ -303,8 +303,9 @@ class MetaTrainer:
         if cfg.estimator == "pes":
             row = pes.row(j, step, meta)
         elif cfg.estimator == "es":
-            row = es_row(sampler.task(step * cfg.batch_size + j), meta, rule, self.spec.inner.for_task(j, cfg.batch_size),
-                         cfg.sigma, cfg.pairs, self.seed, step, j, self.device)
+            row = es_row(sampler.task(step * cfg.batch_size + j), meta, rule,
+                         self.spec.inner.for_task(j, cfg.batch_size), cfg.sigma, cfg.pairs, self.seed, step, j,
+                         self.device)
         else:
             return self._task_row(sampler.task(step * cfg.batch_size + j), meta, rule, loss_fn, params,
                                   self.spec.inner.for_task(j, cfg.batch_size))

@@ -49,7 +49,8 @@ evolution-strategies estimate finds quickly. With ``time_horizons`` :math:`T_1 <
 is one such schedule per anchor horizon, :math:`D_k = \sum_a w_a(T) D_{k,a}`, interpolated
 linearly in :math:`\log T` (:func:`horizon_weights`): a t/T schedule does not transfer between
 horizons (a run that overfits small data at T = 5,000 wants its decay earlier than one of
-1,000 steps), and this lets one file hold a schedule for each. ``W_l``, ``W_2``, ``b_2``, ``S`` and ``D`` start at zero, so the untrained rule *is* ``torch.optim.SGD(lr=eta_0,
+1,000 steps), and this lets one file hold a schedule for each. ``W_l``, ``W_2``, ``b_2``, ``S``
+and ``D`` start at zero, so the untrained rule *is* ``torch.optim.SGD(lr=eta_0,
 momentum=mu)``; ``B`` bounds ``|log(eta/eta_0)|`` and ``|log s|``.
 
 Two variants: ``momentum = 0`` keeps **no per-parameter state** (three floats per group:
@@ -418,7 +419,8 @@ class AdaptiveRule(Rule):
             if d.dim() == 2:
                 lines.append("  " + ", ".join(f"{float(m):.3g}" for m in torch.exp(d[0] + d[1])))
             for a, T in enumerate(config.time_horizons if d.dim() == 3 else ()):
-                lines.append(f"  T = {T:<6} " + ", ".join(f"{float(m):.3g}" for m in torch.exp(d[0, :, a] + d[1, :, a])))
+                lines.append(f"  T = {T:<6} "
+                             + ", ".join(f"{float(m):.3g}" for m in torch.exp(d[0, :, a] + d[1, :, a])))
         if TABLE in meta:
             tab, (bins, n) = meta[TABLE], meta[TABLE].shape[2:]
             cols = sorted({round(i * (n - 1) / 4) for i in range(5)})
