@@ -346,6 +346,8 @@ def test_schedule_per_horizon_interpolates_in_log_T():
                                                                            math.log(2) / math.log(3)])
     with pytest.raises(ValueError, match="needs the run's horizon"):
         adaptive_factors(net, x, cfg, [0] * 3)
+    text = "\n".join(RULES["adaptive-momentum"].describe(net, cfg, 1000))  # metascale info: one row per anchor
+    assert "T = 1000   1.22, 2.72, 0.368" in text and "T = 4000   1.65, 0.135, 0.0743" in text
 
 
 @pytest.mark.parametrize("bad", [(1000,), (5000, 1000), (1000, 1000)])
