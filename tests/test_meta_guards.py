@@ -40,7 +40,7 @@ def test_task_clip_bounds_every_task_before_the_mean(monkeypatch):
     rows = iter([big, small])
     seen = []
 
-    def fake_row(self, task, meta, rule, loss_fn, params):
+    def fake_row(self, task, meta, rule, loss_fn, params, inner=None):
         g = next(rows).double()
         n = sum(v.numel() for v in params)
         flat = torch.zeros(n, dtype=torch.float64)
