@@ -230,7 +230,7 @@ def adaptive_factors(net: dict[str, torch.Tensor], features: torch.Tensor,
         if d.dim() == 3:  # one schedule per horizon anchor: interpolate in log T
             if horizon is None:
                 raise ValueError("a schedule per horizon (time_horizons) needs the run's horizon")
-            d = d @ torch.tensor(horizon_weights(horizon, config.time_horizons), dtype=d.dtype, device=d.device)
+            d = sum(w * d[:, :, a] for a, w in enumerate(horizon_weights(horizon, config.time_horizons)) if w)
         r = r + hat_weights(x[:, 4], d.shape[1]) @ d.T
     b = config.bound
     log_change = b * torch.tanh(r / b)
