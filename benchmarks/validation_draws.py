@@ -7,7 +7,9 @@ made on this measure, never on the held-out suite.
         untrained mix1k-v1 runs/x/optimizer.safetensors --draws 12 --jobs 2 --out results.json
 
 ``--windows N`` measures at another horizon (``N * steps``) on the same draws, e.g. ``--windows
-250`` for T = 5,000 on a spec of 50 windows of 20 steps.
+250`` for T = 5,000 on a spec of 50 windows of 20 steps. ``--tail F`` weighs the last fraction
+``F`` of the run's windows instead of the spec's ``[inner] tail``: ``--tail 1`` counts the whole
+run, so reaching a low loss early (speed) counts as well as ending low.
 
 ``untrained`` is the spec's ``--rule`` before meta-training (``--time-eta a,b,...`` sets its
 learned ``t/T`` schedule of log step-size offsets by hand: a hand-designed decay to compare
@@ -52,7 +54,11 @@ def _one(item: dict) -> float:
     spec = load_spec(item["spec"])
     cfg, meta = _candidate(item["name"], spec, item["rule"], item["time_eta"])
     task = selection_sampler(spec, item["seed"]).task(item["draw"])
-    inner = spec.inner if item["windows"] is None else dataclasses.replace(spec.inner, windows=item["windows"])
+    inner = spec.inner
+    if item["windows"] is not None:
+        inner = dataclasses.replace(inner, windows=item["windows"])
+    if item["tail"] is not None:
+        inner = dataclasses.replace(inner, tail=item["tail"])
     with torch.no_grad():
         value, _ = windows_objective(task, meta, cfg, inner, None)
     return value
@@ -67,6 +73,8 @@ def main() -> None:
                                        "'untrained' (a hand-set decay)")
     ap.add_argument("--windows", type=int, help="windows per run instead of the spec's [inner] windows (the "
                                                    "horizon is windows * steps; the draws stay the same)")
+    ap.add_argument("--tail", type=float, help="fraction of the run's windows the measure weighs instead of the "
+                                               "spec's [inner] tail (1 = the whole run)")
     ap.add_argument("--draws", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=2)
@@ -74,11 +82,11 @@ def main() -> None:
     args = ap.parse_args()
     time_eta = [float(x) for x in args.time_eta.split(",")] if args.time_eta else None
     items = [{"spec": args.spec, "name": n, "rule": args.rule, "time_eta": time_eta, "seed": args.seed, "draw": d,
-              "windows": args.windows}
+              "windows": args.windows, "tail": args.tail}
              for n in args.optimizers for d in range(args.draws)]
     t0 = time.time()
     values = map_jobs(_one, items, args.jobs)
-    out = {"spec": args.spec, "windows": args.windows, "draws": args.draws, "seed": args.seed, "time_eta": time_eta,
+    out = {"spec": args.spec, "windows": args.windows, "tail": args.tail, "draws": args.draws, "seed": args.seed, "time_eta": time_eta,
            "results": {}}
     for k, n in enumerate(args.optimizers):
         v = values[k * args.draws:(k + 1) * args.draws]
