@@ -425,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "default 10)")
     m.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.safetensors (same spec, seed, --learn, --rule, --loss, "
-                        "--engine); the result equals an uninterrupted run's")
+                        "--engine); the result equals an uninterrupted run's. With a larger --meta-steps it extends a "
+                        "finished run")
     m.add_argument("--force", action="store_true",
                    help="start afresh in an --out folder that holds files (removes the previous run's optimizer, "
                         "loss, checkpoint, metrics, eval.json and report); without it such a folder is refused")

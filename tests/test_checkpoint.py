@@ -156,7 +156,7 @@ def test_resume_in_process_is_bitwise(tmp_path, learn):
     """Meta-parameters, learned-loss weights and both Adam groups carry over exactly; the
     checkpoint cadence (every 2, and the last step) does not change the numbers."""
     ref = train(tmp_path, 5, every=0, learn=learn, name="ref")
-    train(tmp_path, 3, every=2, learn=learn)
+    train(tmp_path, 3, every=2, learn=learn)  # a finished 3-step run, extended to 5 below
     assert read_checkpoint(tmp_path / "run" / "ck.safetensors").step == 3  # the last step is always saved
     res = train(tmp_path, 5, every=2, learn=learn, resume=True)
     for k in ref.meta:
