@@ -10,6 +10,8 @@ path of the rule is live) in float64:
 * float64 ``gradcheck`` of the meta-gradient;
 * the foreach and per-tensor kernels agree (1e-13);
 * a ``state_dict`` round trip continues bit for bit;
+* the state per parameter is the rule's declared ``buffers`` (each of the parameter's shape)
+  and Python numbers, nothing else;
 * an exported file loads to the same optimizer (bit for bit).
 """
 from __future__ import annotations
@@ -163,6 +165,20 @@ def test_state_dict_resume_continues_exactly(name):
         o3.step()
     for a, b in zip(m1.parameters(), m3.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_is_the_declared_buffers_and_numbers(name):
+    cfg = config(name, 5)
+    model = make_model()
+    x, y = data()
+    opt = LearnedOptimizer(model.parameters(), perturbed(name, cfg, 5, seed=7), cfg, total_steps=10)
+    run(model, opt, 3, x, y)
+    for p in model.parameters():
+        tensors = {k for k, v in opt.state[p].items() if torch.is_tensor(v)}
+        assert tensors == set(RULES[name].buffers), (name, tensors)
+        assert all(opt.state[p][k].shape == p.shape for k in tensors)
+        assert all(isinstance(v, (int, float)) for k, v in opt.state[p].items() if k not in tensors)
 
 
 @pytest.mark.parametrize("name", NAMES)
