@@ -68,6 +68,11 @@ class InnerConfig:
             (their effect reaches the counted windows through PES's perturbation sums, or
             through the carried graph of full backpropagation; truncated backpropagation
             gets no gradient from them).
+        tail_share: the share of the meta-objective on the ``tail`` windows; the rest weighs
+            every window alike: window ``k`` of ``N`` weighs ``(1 - share) + share * N / n`` if it
+            is one of the last ``n``, else ``1 - share`` (the weights average 1). ``1`` (default)
+            counts the tail alone; e.g. ``0.5`` with ``tail = 0.2`` is half the whole run's mean
+            (reaching a low loss early) and half the last fifth's (the end).
         mixed_windows: window counts ``N_1 .. N_n`` to meta-train over several horizons at once:
             the meta-batch is cut into ``n`` consecutive blocks and task ``j`` of ``B`` runs
             ``mixed_windows[floor(j n / B)]`` windows (:meth:`for_task`; consecutive blocks share
@@ -83,6 +88,7 @@ class InnerConfig:
     engine: str = dataclasses.field(default="higher", metadata=check("str", choices=ENGINES))
     windows: int = dataclasses.field(default=1, metadata=check("int", 1, 1_000_000))
     tail: float = dataclasses.field(default=1.0, metadata=check("float", 1e-6, 1.0))
+    tail_share: float = dataclasses.field(default=1.0, metadata=check("float", 0.0, 1.0))
     mixed_windows: tuple | None = dataclasses.field(default=None, metadata=check("int_list", 1, 1_000_000))
 
     def validate(self) -> None:
@@ -108,10 +114,15 @@ class InnerConfig:
 
     def window_weight(self, start: int) -> float:
         r"""The weight of the window that starts at inner step ``start`` in the meta-objective
-        :math:`\frac1N\sum_k w_k L_k`: ``N / n`` for the last ``n = max(1, round(tail N))``
-        windows, ``0`` before them (``tail = 1``: 1 for every window)."""
+        :math:`\frac1N\sum_k w_k L_k`: with ``n = max(1, round(tail N))`` and ``a =
+        tail_share``, :math:`w_k = (1 - a) + a N / n` for the last ``n`` windows and
+        :math:`1 - a` before them (``tail = 1`` or ``a = 0``: 1 for every window; ``a = 1``:
+        the tail alone)."""
         counted = max(1, round(self.tail * self.windows))
-        return self.windows / counted if start // self.steps >= self.windows - counted else 0.0
+        in_tail = start // self.steps >= self.windows - counted
+        if self.tail_share == 1.0:  # the tail alone (exactly the weights before tail_share existed)
+            return self.windows / counted if in_tail else 0.0
+        return (1.0 - self.tail_share) + (self.tail_share * self.windows / counted if in_tail else 0.0)
 
 
 @dataclasses.dataclass(frozen=True)

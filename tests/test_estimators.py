@@ -118,6 +118,23 @@ def test_tail_weights_count_the_last_windows():
     assert InnerConfig(steps=3).window_weight(0) == 1.0  # one window: always counted
 
 
+def test_tail_share_blends_the_whole_run_and_the_tail():
+    """[inner] tail_share a: weights (1 - a) + a N / n on the last n windows, 1 - a before them;
+    they average 1, a = 1 is the tail alone and a = 0 the whole run."""
+    def w(a, tail=0.25, n=8, k=3):
+        return [InnerConfig(steps=k, windows=n, tail=tail, tail_share=a).window_weight(i * k) for i in range(n)]
+    assert w(1.0) == [0.0] * 6 + [4.0, 4.0] and w(0.0) == [1.0] * 8
+    assert w(0.5) == [0.5] * 6 + [2.5, 2.5] and sum(w(0.3)) == pytest.approx(8.0, abs=1e-12)
+    assert w(0.5, tail=1.0) == [1.0] * 8  # the tail is the whole run: the share does not matter
+
+
+def test_tail_share_out_of_range_is_refused(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text(SPEC.format(est="backprop").replace('engine = "func"', 'engine = "func"\ntail_share = 1.5'))
+    with pytest.raises(SpecError, match="tail_share"):
+        load_spec(path)
+
+
 def test_pes_with_a_tail_matches_backprop_of_the_last_window():
     """With tail = 1/3 of 3 windows, the meta-objective is the last window's loss alone; PES
     (which runs, but does not count, the first two windows) estimates its gradient through the
