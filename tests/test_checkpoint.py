@@ -334,6 +334,27 @@ def test_renamed_spec_still_resumes(ckpt):
     assert torch.equal(meta["log_scale"], ck.meta["log_scale"]) and adam.state
 
 
+def test_fields_added_since_compare_at_their_defaults(ckpt, tmp_path):
+    """A checkpoint written before a config field existed (its run lacks the key) resumes a run
+    that has the field at its default: an upgrade does not refuse runs in flight."""
+    def drop(m):
+        run = json.loads(m["run"])
+        del run["spec"]["inner"]["tail_share"], run["rule_config"]["nesterov"]
+        m["run"] = json.dumps(run)
+    old = rewrite(ckpt, metadata=drop)
+    assert "tail_share" not in json.loads(safe_open(str(old), "pt").metadata()["run"])["spec"]["inner"]
+    spec = small_spec()
+    meta = {"log_step_size": torch.zeros(2, 3, 3), "log_scale": torch.zeros(2, 3, 3)}
+    adam = torch.optim.Adam(list(meta.values()))
+    ck = restore(old, run_identity(spec.to_dict(), 0, "optimizer", spec.rules["optimizer"], None, None), meta, None,
+                 adam, 10)
+    assert ck.step == 2 and torch.equal(meta["log_scale"], ck.meta["log_scale"])
+    other = dataclasses.replace(spec, inner=dataclasses.replace(spec.inner, tail_share=0.5))
+    with pytest.raises(CheckpointError, match="spec.inner.tail_share differs"):
+        restore(old, run_identity(other.to_dict(), 0, "optimizer", spec.rules["optimizer"], None, None), meta, None,
+                adam, 10)
+
+
 def test_trainer_refusals_and_stale_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint to resume from"):
         train(tmp_path, 2, resume=True)

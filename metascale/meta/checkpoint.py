@@ -204,7 +204,9 @@ def restore(path: str | Path, run: dict, meta: dict[str, torch.Tensor], loss_fn:
             adam: torch.optim.Optimizer, total_steps: int) -> Checkpoint:
     """Read the checkpoint at ``path``, check that it belongs to ``run`` and fits the trainer's
     meta-parameters, loss network and Adam, then load it into them (in place) and into the
-    global generators. Returns the checkpoint (for its counters and history).
+    global generators. Returns the checkpoint (for its counters and history). The stored spec
+    and configs are compared in canonical form, so a config field that a later metascale added
+    compares at its default.
 
     Raises:
         CheckpointError: no such file, a corrupted file, another format version, another run,
@@ -394,6 +396,12 @@ def _identity_of(meta_str: dict[str, str], path: Path) -> tuple[dict, dict, Any,
     if not rule.owns(config) or rule.resolve(config, spec.inner.horizon) != config:
         raise CheckpointError(f"{path}: run rule_config does not fit rule {rule.name!r} at horizon "
                               f"{spec.inner.horizon}")
+    # canonical: a config field added since the checkpoint was written compares at its default
+    # (the value the run had), so an upgrade does not refuse runs in flight
+    canon = lambda d: json.loads(json.dumps(d))
+    run = {**run, "spec": {**canon(spec.to_dict()), **{k: run["spec"][k] for k in _COSMETIC if k in run["spec"]}},
+           "rule_config": canon(to_dict(config)),
+           "loss_config": None if loss_config is None else canon(to_dict(loss_config))}
     meta = {f"meta.{k}": tuple(v) for k, v in rule.meta_shapes(config, spec.inner.horizon).items()}
     losses = [{}] if loss_config is None else [
         {f"loss.{k}": tuple(v.shape) for k, v in make_loss(kind, loss_config).state_dict().items()}
