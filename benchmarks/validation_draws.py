@@ -86,8 +86,8 @@ def main() -> None:
              for n in args.optimizers for d in range(args.draws)]
     t0 = time.time()
     values = map_jobs(_one, items, args.jobs)
-    out = {"spec": args.spec, "windows": args.windows, "tail": args.tail, "draws": args.draws, "seed": args.seed, "time_eta": time_eta,
-           "results": {}}
+    out = {"spec": args.spec, "windows": args.windows, "tail": args.tail, "draws": args.draws, "seed": args.seed,
+           "time_eta": time_eta, "results": {}}
     for k, n in enumerate(args.optimizers):
         v = values[k * args.draws:(k + 1) * args.draws]
         finite = [x for x in v if math.isfinite(x)]

@@ -120,8 +120,6 @@ class InnerConfig:
         the tail alone)."""
         counted = max(1, round(self.tail * self.windows))
         in_tail = start // self.steps >= self.windows - counted
-        if self.tail_share == 1.0:  # the tail alone (exactly the weights before tail_share existed)
-            return self.windows / counted if in_tail else 0.0
         return (1.0 - self.tail_share) + (self.tail_share * self.windows / counted if in_tail else 0.0)
 
 
