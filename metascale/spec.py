@@ -80,6 +80,10 @@ class InnerConfig:
             stays the default horizon (of an exported file, evaluation and the selection
             measure). Unset: every task runs ``windows``. Not with the PES estimator, whose
             particles carry one horizon.
+        mixed_tails: one ``tail`` per entry of ``mixed_windows``: the block that runs
+            ``mixed_windows[i]`` windows counts the last ``mixed_tails[i]`` of its run, e.g. the
+            whole run at the short horizon (speed) and the second half at the long one (the end
+            of a long run). Unset: every block uses ``tail``.
     """
 
     steps: int = dataclasses.field(default=20, metadata=check("int", 1, 10_000))
@@ -90,6 +94,7 @@ class InnerConfig:
     tail: float = dataclasses.field(default=1.0, metadata=check("float", 1e-6, 1.0))
     tail_share: float = dataclasses.field(default=1.0, metadata=check("float", 0.0, 1.0))
     mixed_windows: tuple | None = dataclasses.field(default=None, metadata=check("int_list", 1, 1_000_000))
+    mixed_tails: tuple | None = dataclasses.field(default=None, metadata=check("float_list", 1e-6, 1.0))
 
     def validate(self) -> None:
         """Raise ``ValueError`` for a horizon past :data:`MAX_HORIZON` (per-step meta-parameters,
@@ -98,14 +103,20 @@ class InnerConfig:
             if windows * self.steps > MAX_HORIZON:
                 raise ValueError(f"windows * steps = {windows} * {self.steps} = {windows * self.steps} inner "
                                  f"steps; at most {MAX_HORIZON}")
+        if self.mixed_tails is not None and len(self.mixed_tails) != len(self.mixed_windows or ()):
+            raise ValueError(f"mixed_tails has {len(self.mixed_tails)} entries; it needs one per entry of "
+                             f"mixed_windows ({len(self.mixed_windows or ())})")
 
     def for_task(self, j: int, batch: int) -> "InnerConfig":
         r"""The config task ``j`` of a meta-batch of ``batch`` runs: ``windows`` replaced by
-        ``mixed_windows[floor(j n / batch)]`` (``n`` counts; this config when unset)."""
+        ``mixed_windows[i]`` and ``tail`` by ``mixed_tails[i]`` (when set), ``i = floor(j n /
+        batch)`` (``n`` counts; this config when ``mixed_windows`` is unset)."""
         if self.mixed_windows is None:
             return self
-        n = len(self.mixed_windows)
-        return dataclasses.replace(self, windows=self.mixed_windows[j * n // batch], mixed_windows=None)
+        i = j * len(self.mixed_windows) // batch
+        tail = self.tail if self.mixed_tails is None else self.mixed_tails[i]
+        return dataclasses.replace(self, windows=self.mixed_windows[i], tail=tail, mixed_windows=None,
+                                   mixed_tails=None)
 
     @property
     def horizon(self) -> int:

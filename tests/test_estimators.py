@@ -295,3 +295,41 @@ def test_mixed_windows_are_refused_with_pes(tmp_path):
     assert InnerConfig(steps=2, windows=3, mixed_windows=(1, 3)).for_task(2, 4).horizon == 6
     with pytest.raises(ValueError, match="at most"):
         InnerConfig(steps=1000, windows=1, mixed_windows=(1, 200)).validate()
+
+
+def test_mixed_tails_give_each_block_of_the_meta_batch_its_tail(tmp_path, monkeypatch):
+    """[inner] mixed_tails = [1, 1/3] with mixed_windows = [1, 3]: the T = 2 block counts its
+    whole run and the T = 6 block its last window alone; mixed_tails = [t, t] is the plain
+    spec with tail = t, bit for bit."""
+    seen = set()
+    real = InnerConfig.window_weight
+    def spy(self, start):
+        seen.add((self.windows, self.tail))
+        return real(self, start)
+    monkeypatch.setattr(InnerConfig, "window_weight", spy)
+    mixed = "windows = 3\nmixed_windows = [1, 3]\nmixed_tails = [1.0, 0.3]\n"
+    (tmp_path / "mixed.toml").write_text(SPEC.format(est="backprop").replace("windows = 3\n", mixed))
+    MetaTrainer(load_spec(tmp_path / "mixed.toml"), seed=0, device="cpu", progress=False, meta_steps=1,
+                rule="layerwise").train()
+    assert seen == {(1, 1.0), (3, 0.3)}
+    monkeypatch.undo()
+    def run(text):
+        (tmp_path / "s.toml").write_text(text)
+        return MetaTrainer(load_spec(tmp_path / "s.toml"), seed=0, device="cpu", progress=False, meta_steps=2,
+                           rule="layerwise").train().meta
+    base = SPEC.format(est="backprop")
+    a = run(base.replace("windows = 3\n", "windows = 3\nmixed_windows = [3, 3]\nmixed_tails = [0.3, 0.3]\n"))
+    b = run(base.replace("windows = 3\n", "windows = 3\ntail = 0.3\n"))
+    c = run(base)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # the tail changes the meta-gradient
+
+
+@pytest.mark.parametrize("keys, message", [("mixed_windows = [1, 3]\nmixed_tails = [1.0]", "one per entry"),
+                                           ("mixed_tails = [1.0, 0.5]", "one per entry"),
+                                           ("mixed_windows = [1, 3]\nmixed_tails = [1.0, 0.0]", "mixed_tails")])
+def test_mixed_tails_bad_input_is_refused(tmp_path, keys, message):
+    path = tmp_path / "s.toml"
+    path.write_text(SPEC.format(est="backprop").replace("windows = 3\n", f"windows = 3\n{keys}\n"))
+    with pytest.raises(SpecError, match=message):
+        load_spec(path)
