@@ -49,7 +49,7 @@ def meta(theta_eta: float = math.log(0.05), theta_s: float = 0.3) -> dict[str, t
 
 def analytic(m: dict, T: int, w0: float) -> torch.Tensor:
     """dL/d(flat meta) of the final loss after T steps (the vector role gets no gradient)."""
-    c = math.exp(float(m["log_step_size"][0]) + float(m["log_scale"][0]))
+    c = math.exp(float(m["log_step_size"][0].detach()) + float(m["log_scale"][0].detach()))
     d = -4 * T * c * (1 - 2 * c) ** (2 * T - 1) * w0 ** 2
     return torch.tensor([d, 0.0, d, 0.0], dtype=F64)  # log_step_size (matrix, vector), log_scale (...)
 
