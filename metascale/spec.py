@@ -103,9 +103,12 @@ class InnerConfig:
             if windows * self.steps > MAX_HORIZON:
                 raise ValueError(f"windows * steps = {windows} * {self.steps} = {windows * self.steps} inner "
                                  f"steps; at most {MAX_HORIZON}")
-        if self.mixed_tails is not None and len(self.mixed_tails) != len(self.mixed_windows or ()):
+        if self.mixed_tails is not None and self.mixed_windows is None:
+            raise ValueError("mixed_tails is set without mixed_windows; it holds one tail per entry of "
+                             "mixed_windows (for one horizon, set tail)")
+        if self.mixed_tails is not None and len(self.mixed_tails) != len(self.mixed_windows):
             raise ValueError(f"mixed_tails has {len(self.mixed_tails)} entries; it needs one per entry of "
-                             f"mixed_windows ({len(self.mixed_windows or ())})")
+                             f"mixed_windows ({len(self.mixed_windows)})")
 
     def for_task(self, j: int, batch: int) -> "InnerConfig":
         r"""The config task ``j`` of a meta-batch of ``batch`` runs: ``windows`` replaced by

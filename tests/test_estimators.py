@@ -326,7 +326,7 @@ def test_mixed_tails_give_each_block_of_the_meta_batch_its_tail(tmp_path, monkey
 
 
 @pytest.mark.parametrize("keys, message", [("mixed_windows = [1, 3]\nmixed_tails = [1.0]", "one per entry"),
-                                           ("mixed_tails = [1.0, 0.5]", "one per entry"),
+                                           ("mixed_tails = [1.0, 0.5]", "without mixed_windows"),
                                            ("mixed_windows = [1, 3]\nmixed_tails = [1.0, 0.0]", "mixed_tails")])
 def test_mixed_tails_bad_input_is_refused(tmp_path, keys, message):
     path = tmp_path / "s.toml"

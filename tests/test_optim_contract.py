@@ -125,7 +125,7 @@ def test_foreach_matches_for_loop(name, options):
     run(a, make(name, a.parameters(), foreach=True, **options), steps=10, sign=sign)
     run(b, make(name, b.parameters(), foreach=False, **options), steps=10, sign=sign)
     p0 = params_of(mlp())
-    moved = max(float((p - q).abs().max()) for p, q in zip(a.parameters(), p0))
+    moved = max(float((p.detach() - q).abs().max()) for p, q in zip(a.parameters(), p0))
     assert moved > 1e-3
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), float((p - q).abs().max())
