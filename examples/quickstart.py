@@ -21,6 +21,7 @@ path = metascale.save_optimizer(f"{args.out}/optimizer.safetensors", result.meta
                                 spec.to_dict(), result.summary)
 
 # 2. use it as a drop-in torch optimizer on a model it never saw (wider and deeper than 1-40-40-1)
+torch.manual_seed(0)  # the new model's initialisation (torch seeds its default generator at random)
 model = torch.nn.Sequential(torch.nn.Linear(1, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
                             torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
 opt = metascale.load_optimizer(path, model.parameters())
