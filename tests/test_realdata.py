@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from metascale.config import from_table
-from metascale.errors import MissingExtraError
+from metascale.errors import MissingExtraError, SpecError
 from metascale.tasks import FAMILIES, TaskSampler, char_lm, mnist, mnist_1d, nets, realdata, tabular
 
 
@@ -44,6 +44,34 @@ def test_mnist_train_and_test_draws_use_disjoint_images_and_val_is_disjoint_from
             assert not tr & va and len(tr) == 100 and len(va) == 40
             seen[split] |= tr | va
     assert not seen["train"] & seen["test"]
+
+
+@pytest.mark.parametrize("name", ["mnist", "mnist_1d"])
+def test_n_train_min_draws_the_pool_size_log_uniformly_and_leaves_the_rest_of_the_draw(name):
+    base = {"width": [8, 8], "n_train": 800, "n_val": 40, **({"resolution": 8} if name == "mnist" else {})}
+    family_cls, config_cls = FAMILIES[name]
+    fixed = family_cls(from_table(config_cls, base, name))
+    ranged = family_cls(from_table(config_cls, {**base, "n_train_min": 50}, name))
+    sizes = []
+    for seed in range(400):
+        a, b = fixed.sample(torch.Generator().manual_seed(seed), "train"), ranged.sample(torch.Generator().manual_seed(seed), "train")
+        assert "n_train" not in a and {k: v for k, v in b.items() if k != "n_train"} == a  # drawn last
+        sizes.append(b["n_train"])
+    s = torch.tensor(sizes, dtype=torch.float64)
+    assert s.min() >= 50 and s.max() <= 800 and len(set(sizes)) > 100
+    # log-uniform on [50, 800]: log2 n is uniform on [5.64, 9.64]; each of its 4 unit bins holds 1/4
+    # of the draws (binomial sd over 400 draws: 0.022, so 0.07 is 3 sd)
+    bins = torch.histc(s.log2(), bins=4, min=5.644, max=9.644) / 400
+    assert (bins - 0.25).abs().max() < 0.07, bins.tolist()
+    t = draw(name, {**base, "n_train_min": 50}, split="train", seed=3)
+    assert t.x_train.shape[0] == t.config["n_train"] and t.x_val.shape[0] == 40
+    x_all = (mnist.load(8) if name == "mnist" else mnist_1d.load())[0]
+    assert not rows_of(x_all, t.x_train) & rows_of(x_all, t.x_val)
+
+
+def test_n_train_min_above_n_train_is_refused():
+    with pytest.raises(SpecError, match="n_train_min = 900 is not allowed; expected at most n_train = 800"):
+        from_table(FAMILIES["mnist_1d"][1], {"n_train": 800, "n_train_min": 900}, "mnist_1d")
 
 
 def test_mnist_images_in_unit_range_and_8x8_is_the_area_average():

@@ -19,7 +19,7 @@ import torch
 from ..config import check
 from .nets import classifier
 from . import reparam
-from .realdata import ClassifierFields, draw_rows, require, sample_classifier
+from .realdata import ClassifierFields, pool_rows, require, sample_classifier
 
 _SALT = 0x3A157
 RESOLUTIONS = (8, 28)
@@ -77,7 +77,7 @@ class MnistFamily:
         """Gather the draw's images; the model factory builds ``config["model"]``."""
         c, r = self.cfg, self.cfg.resolution
         x, y = load(r)
-        tr, va = draw_rows(x.shape[0], _SALT, config["split"], config["data_seed"], c.n_train, c.n_val)
+        tr, va = pool_rows(c, config, x.shape[0], _SALT)
         build, hook = reparam.wrap(lambda: classifier(config["model"], (r, r), 10, config["width"], config["depth"],
                                                       c.activation), c.reparam, config.get("reparam_seed"))
         return dict(kind="classification", x_train=x[tr], y_train=y[tr], x_val=x[va], y_val=y[va],

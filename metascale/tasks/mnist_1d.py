@@ -21,7 +21,7 @@ import torch
 
 from .nets import classifier
 from . import reparam
-from .realdata import ClassifierFields, draw_rows, require, sample_classifier
+from .realdata import ClassifierFields, pool_rows, require, sample_classifier
 
 _SALT = 0x1D1D
 LENGTH = 40
@@ -70,7 +70,7 @@ class Mnist1DFamily:
         """Gather the draw's signals; the model factory builds ``config["model"]``."""
         c = self.cfg
         x, y = load()
-        tr, va = draw_rows(x.shape[0], _SALT, config["split"], config["data_seed"], c.n_train, c.n_val)
+        tr, va = pool_rows(c, config, x.shape[0], _SALT)
         build, hook = reparam.wrap(lambda: classifier(config["model"], (LENGTH,), 10, config["width"], config["depth"],
                                                       c.activation), c.reparam, config.get("reparam_seed"))
         return dict(kind="classification", x_train=x[tr], y_train=y[tr], x_val=x[va], y_val=y[va],

@@ -1,4 +1,4 @@
-"""What the real-data families (MNIST, MNIST-1D, tabular, character LM) share: the row split
+r"""What the real-data families (MNIST, MNIST-1D, tabular, character LM) share: the row split
 between meta-train and meta-test draws, the classifier config fields, and the draw of one
 task's training pool and validation set.
 
@@ -10,7 +10,15 @@ is ever seen by a meta-train task. Every config records its split, so train and 
 never share a config.
 
 **A draw.** ``data_seed`` (sampled, in the config) permutes the split's rows; the first
-``n_train`` form the training pool and the next ``n_val`` the validation set.
+``n_train`` form the training pool and the next ``n_val`` the validation set. With
+``n_train_min > 0`` the pool size is itself drawn per task, log-uniformly,
+
+.. math::
+
+    n = \operatorname{round}\big(\exp u\big), \qquad u \sim U[\log n_{\min}, \log n_{\mathrm{train}}],
+
+and recorded in the config (``"n_train"``): a fixed number of steps is then more epochs on a
+smaller pool, so one spec holds runs that overfit and runs that do not.
 """
 from __future__ import annotations
 
@@ -22,7 +30,7 @@ import torch
 
 from ..config import check
 from ..errors import MissingExtraError, install_hint
-from .base import ACTIVATIONS, generator, mix_seed, randint
+from .base import ACTIVATIONS, generator, log_uniform, mix_seed, randint
 from . import reparam
 from .nets import MODELS
 
@@ -77,6 +85,8 @@ class ClassifierFields:
         depth: hidden layers (MLP), residual blocks, convolutions or stacked GRU layers.
         activation: nonlinearity (not used by the GRU).
         n_train, n_val: training-pool and validation-set sizes of one draw.
+        n_train_min: 0 (default): every draw's pool has ``n_train`` examples; otherwise each
+            draw's pool size is drawn log-uniformly in ``[n_train_min, n_train]`` (module doc).
         reparam: ``[lo, hi]`` of ``log10 c`` for the weight reparameterisation
             augmentation (:mod:`metascale.tasks.reparam`); ``[0, 0]``: none.
     """
@@ -87,17 +97,32 @@ class ClassifierFields:
     activation: str = dataclasses.field(default="relu", metadata=check("str", choices=tuple(ACTIVATIONS)))
     n_train: int = dataclasses.field(default=1000, metadata=check("int", 1, 100_000))
     n_val: int = dataclasses.field(default=500, metadata=check("int", 1, 100_000))
+    n_train_min: int = dataclasses.field(default=0, metadata=check("int", 0, 100_000))
     reparam: tuple = dataclasses.field(default=(0.0, 0.0), metadata=check("interval", -3.0, 3.0))
 
     def validate(self) -> None:
-        """Integer ranges must hold integers."""
+        """Integer ranges must hold integers; ``n_train_min`` at most ``n_train``."""
         integer_ranges(self, ("width", "depth"))
+        if self.n_train_min > self.n_train:
+            raise ValueError(f"n_train_min = {self.n_train_min} is not allowed; expected at most n_train = "
+                             f"{self.n_train} (0: every draw uses n_train examples)")
 
 
 def sample_classifier(cfg: ClassifierFields, g: torch.Generator, split: str) -> dict:
     """The shared part of a classification config: split, model, width, depth, data seed (and
-    the reparameterisation seed when ``cfg.reparam`` is not ``[0, 0]``)."""
+    the reparameterisation seed when ``cfg.reparam`` is not ``[0, 0]``, and the pool size
+    ``n_train`` when ``cfg.n_train_min > 0``, drawn last so that specs without it draw as
+    before)."""
     model = cfg.models[randint(g, 0, len(cfg.models) - 1)]
-    return {"split": split, "model": model, "width": randint(g, *_ints(cfg.width)),
-            "depth": randint(g, *_ints(cfg.depth)), "data_seed": randint(g, 0, 2**31 - 1),
-            **reparam.sample_seed(cfg.reparam, g)}
+    config = {"split": split, "model": model, "width": randint(g, *_ints(cfg.width)),
+              "depth": randint(g, *_ints(cfg.depth)), "data_seed": randint(g, 0, 2**31 - 1),
+              **reparam.sample_seed(cfg.reparam, g)}
+    if cfg.n_train_min > 0:
+        config["n_train"] = int(round(log_uniform(g, cfg.n_train_min, cfg.n_train)))
+    return config
+
+
+def pool_rows(cfg: ClassifierFields, config: dict, n: int, salt: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`draw_rows` for a sampled config: its own ``n_train`` when it has one (drawn,
+    ``n_train_min > 0``), the spec's otherwise."""
+    return draw_rows(n, salt, config["split"], config["data_seed"], config.get("n_train", cfg.n_train), cfg.n_val)
