@@ -10,6 +10,18 @@ os.environ.setdefault("METASCALE_JOBS", "1")
 
 
 @pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same default generator: torch 2.13 seeds it at random in each
+    process, so a test that builds a model without its own seed (``nn.Linear`` draws its
+    initialisation from it) would see a new initialisation on every run and could pass or fail
+    by chance. Tests that need their own draws still seed their own generators."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    yield
+    torch.random.set_rng_state(state)
+
+
+@pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny models: one intra-op thread is fastest, and immune to OpenMP spin-waiting when other
     processes load the CPU (two threads on a busy 2-core machine ran these tests ~100x slower)."""
