@@ -109,7 +109,7 @@ def test_bench_tunes_once_then_reuses_the_cache(tiny, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["bench", "adamw", "--suite", "nope"], "unknown suite 'nope'; choose from small, heldout"),
-    (["bench", "adam"], "'adam' is neither a file, a pretrained optimizer (mix1k5k-v5, mix1k5k-v4, mix1k-v3, mix1k-v2, mix1k-v1) nor a baseline; baselines: adamw, sgd_momentum"),
+    (["bench", "adam"], "'adam' is neither a file, a pretrained optimizer (mix1k5k-v6, mix1k5k-v5, mix1k5k-v4, mix1k-v3, mix1k-v2, mix1k-v1) nor a baseline; baselines: adamw, sgd_momentum"),
     (["bench", "missing.safetensors"], "missing.safetensors: no such file"),
 ])
 def test_bad_arguments_are_one_line_errors_with_exit_code_2(argv, message, capsys):

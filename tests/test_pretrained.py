@@ -42,7 +42,7 @@ def test_load_by_name_trains_a_model_it_never_saw(name):
         sched.step()
         first = float(loss.detach()) if first is None else first
     assert float(loss.detach()) < 0.2 * first  # mix1k-v1: 1.06 -> 7e-5, mix1k-v2: 1.06 -> 0.034, mix1k-v3: 1.06 -> 0.020,
-    # mix1k5k-v4: 1.06 -> 0.015, mix1k5k-v5: 1.06 -> 0.007
+    # mix1k5k-v4: 1.06 -> 0.015, mix1k5k-v5: 1.06 -> 0.007, mix1k5k-v6: 1.06 -> 0.024
     state = sum(t.numel() for st in opt.state.values() for t in st.values() if torch.is_tensor(t) and t.dim() > 0)
     assert state <= sum(p.numel() for p in model.parameters())  # at most one buffer per parameter
 
